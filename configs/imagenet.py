@@ -1,0 +1,43 @@
+"""FAE on ImageNet 256x256 with DINOv2-g/14, the paper's configuration (../shared/PAPER.md).
+
+  python -m fae_jax.main --config=configs/imagenet.py --workdir=gs://bucket/fae/run1
+  python -m fae_jax.main --config=configs/imagenet.py:runlocal --workdir=/tmp/fae   # smoke run
+
+Presets after the colon: `runlocal` (tiny batch/steps for a smoke run on one host).
+The encoder weights come from a DINOv2-g/14 checkpoint the user provides
+(`--config.encoder.source=/path/dinov2_vitg14_pretrain.pth` or a HF `model.safetensors`).
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, runlocal=False)
+  config = common.base_config()
+  config.name = "imagenet256"
+  config.stages = ("convert", "encode")
+
+  # DINOv2-g/14 without registers; 256 px images resized to 224 px -> 16x16 tokens of 1536.
+  config.encoder.variant = "g/14"
+  config.encoder.source = ""  # path to the PyTorch / safetensors checkpoint (required)
+  config.encoder.image_size = 224
+  config.encoder.features = "no_affine"
+  config.encoder.dtype = "bfloat16"
+
+  config.data.name = "tfds:imagenet2012"
+  config.data.data_dir = None
+  config.data.image_size = 256  # ADM centre crop
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.num_workers = 16
+
+  config.encode.batch_size = 1024
+  config.encode.examples_per_shard = 10000
+
+  if args.runlocal:
+    config.data.max_train_examples = 256
+    config.data.max_eval_examples = 64
+    config.encode.batch_size = 16
+    config.encode.examples_per_shard = 128
+    config.data.num_workers = 0
+  return config

@@ -1,0 +1,337 @@
+"""grain input pipelines: sharded, shuffled, checkpointable training batches and ordered batches.
+
+Training (`make_dataset`)::
+
+  source -> [start:end] -> per-process stride shard -> shuffle (per epoch) -> repeat
+    -> ADM centre crop -> random horizontal flip -> to_iter_dataset (drops corrupt records)
+    -> batch -> [mp_prefetch when data.num_workers > 0]
+
+Batches are dicts `{"image": uint8 [B, H, W, 3], "label": int32 [B], "id": int64 [B]}` where
+`B = batch_size` is the PER-PROCESS batch: the global batch is `batch_size * process_count`
+(each process feeds its shard to `jax.make_array_from_process_local_data`).
+
+Ordered (`make_ordered_dataset`, for the feature/latent caches): no shuffle, no flip, one pass over
+`[start, end)`; every process yields the same number of batches, the tail is padded, and a boolean
+`valid [B]` marks real entries (padding and corrupt images are `False`).
+
+Every pipeline's iterator is checkpointable: `state = it.get_state()`, and a fresh iterator of the
+same dataset with `it2.set_state(state)` yields exactly the batches `it` would have yielded next.
+With Orbax, use `checkpoint_save_args(it)` / `checkpoint_restore_args(it)` as the `data` item.
+
+Config fields read (`config.data`): `image_size` (int, or None for the native size),
+`random_flip` (bool, default False), `num_workers` (grain worker processes, default 0: in-process,
+deterministic and cheap on CPU), `read_threads` (default 8), `prefetch_buffer_size` (default 128),
+plus the source fields documented in `sources.make_source`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from fae_jax.data import sources as sources_lib
+
+Batch = dict[str, np.ndarray]
+
+# Distinct streams for the seeds derived from the one pipeline seed.
+_SHUFFLE_STREAM = 0
+_FLIP_STREAM = 1
+
+
+def center_crop_adm(image: np.ndarray, size: int | None) -> np.ndarray:
+  """The ADM (guided-diffusion) centre crop, as in `image_datasets.center_crop_arr`.
+
+  Halves the image with BOX resampling while its short side is >= 2 * size, resizes with
+  BICUBIC so the short side is `size`, then takes the centre `size x size` crop.
+
+  Args:
+    image: uint8 [H, W, 3].
+    size: output side; None keeps the image unchanged.
+
+  Returns:
+    uint8 [size, size, 3] (or `image` itself when `size` is None or the image is already
+    `size x size`, where every ADM step is the identity).
+  """
+  height, width = image.shape[:2]
+  if size is None or (height == size and width == size):
+    return image
+  pil = Image.fromarray(image)
+  while min(pil.size) >= 2 * size:
+    pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
+  scale = size / min(pil.size)
+  # Python's round (half to even) on purpose: it is what ADM's reference statistics used.
+  pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
+  array = np.asarray(pil)
+  top = (array.shape[0] - size) // 2
+  left = (array.shape[1] - size) // 2
+  return np.ascontiguousarray(array[top : top + size, left : left + size])
+
+
+def _derive_seed(seed: int, *stream: int) -> int:
+  """A uint32 seed for one random stream of the pipeline (grain wants seeds < 2**32)."""
+  return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
+
+
+def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  process_count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count}).")
+  return process_index, process_count
+
+
+def _index_range(length: int, start_index: int | None, end_index: int | None) -> tuple[int, int]:
+  start = 0 if start_index is None else int(start_index)
+  end = length if end_index is None else int(end_index)
+  if not 0 <= start < end <= length:
+    raise ValueError(
+      f"Index range [{start_index}, {end_index}) is empty or outside the source's [0, {length})."
+    )
+  return start, end
+
+
+def _read_options(data_config: ml_collections.ConfigDict) -> grain.ReadOptions:
+  threads = int(data_config.get("read_threads", 8))
+  buffer = max(int(data_config.get("prefetch_buffer_size", 128)), threads)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
+
+
+def _maybe_mp_prefetch(
+  ds: grain.IterDataset, data_config: ml_collections.ConfigDict
+) -> grain.IterDataset:
+  num_workers = int(data_config.get("num_workers", 0))
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds
+
+
+class _CenterCrop(grain.transforms.Map):
+  """Applies `center_crop_adm` to a record's image."""
+
+  def __init__(self, image_size: int | None):
+    self.image_size = image_size
+
+  def map(self, record: dict[str, Any]) -> dict[str, Any]:
+    return {**record, "image": center_crop_adm(record["image"], self.image_size)}
+
+
+class _RandomFlip(grain.transforms.RandomMap):
+  """Horizontal flip with probability 1/2; grain seeds `rng` from (seed, element index)."""
+
+  def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if rng.random() < 0.5:
+      return {**record, "image": np.ascontiguousarray(record["image"][:, ::-1])}
+    return record
+
+
+def make_dataset(
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  batch_size: int,
+  seed: int,
+  shuffle: bool,
+  num_epochs: int | None = None,
+  drop_remainder: bool = True,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  start_index: int | None = None,
+  end_index: int | None = None,
+  source: Any = None,
+) -> grain.IterDataset:
+  """The training/evaluation pipeline for one process.
+
+  Each process takes the stride `process_index::process_count` of `[start_index, end_index)`,
+  truncated so every process has exactly `(end - start) // process_count` examples (at most
+  `process_count - 1` tail examples are left out), so all processes run the same number of steps.
+  Shuffling is seeded by `(seed, process_index)` and differs per epoch; the flip of an example is
+  seeded by its position in the stream, so a resumed run sees the same flips.
+
+  Args:
+    data_config: `config.data` (see the module docstring for the fields read).
+    split: split name passed to the source.
+    batch_size: PER-PROCESS batch size; the global batch is `batch_size * process_count`.
+    seed: pipeline seed (shuffle and flips).
+    shuffle: shuffle within this process's shard, differently each epoch.
+    num_epochs: None repeats forever; an int makes the dataset finite.
+    drop_remainder: drop the last short batch (only matters when `num_epochs` is an int; epochs
+      are concatenated before batching, so a batch may straddle an epoch boundary).
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+    start_index: first example of the sub-range to read (default 0).
+    end_index: end (exclusive) of the sub-range (default: the source's length).
+    source: a prebuilt source to use instead of `sources.make_source(data_config, split)`.
+
+  Returns:
+    A grain `IterDataset` of batches `{"image": uint8 [B, S, S, 3], "label": int32 [B],
+    "id": int64 [B]}`; `iter()` of it gives a checkpointable iterator.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  if num_epochs is not None and num_epochs <= 0:
+    raise ValueError(f"num_epochs must be None (forever) or positive, got {num_epochs}.")
+  process_index, process_count = _process_defaults(process_index, process_count)
+  source = sources_lib.make_source(data_config, split) if source is None else source
+  start, end = _index_range(len(source), start_index, end_index)
+  per_process = (end - start) // process_count
+  if per_process == 0:
+    raise ValueError(
+      f"{end - start} examples cannot be split over {process_count} processes ({split=})."
+    )
+
+  ds = grain.MapDataset.source(source)[start:end]
+  ds = ds[process_index : per_process * process_count : process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM, process_index))
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(_CenterCrop(data_config.get("image_size")))
+  if data_config.get("random_flip", False):
+    ds = ds.random_map(_RandomFlip(), seed=_derive_seed(seed, _FLIP_STREAM, process_index))
+  # Corrupt records are None from here on; to_iter_dataset drops them (the source logs them).
+  iter_ds = ds.to_iter_dataset(_read_options(data_config))
+  iter_ds = iter_ds.batch(batch_size, drop_remainder=drop_remainder)
+  return _maybe_mp_prefetch(iter_ds, data_config)
+
+
+def ordered_num_batches(num_examples: int, batch_size: int, process_count: int = 1) -> int:
+  """Batches per process that `make_ordered_dataset` yields for `num_examples` examples."""
+  return math.ceil(num_examples / (batch_size * process_count))
+
+
+class _OrderedRecord(grain.transforms.Map):
+  """Maps a local position to the record at its global index, or to a masked padding record.
+
+  Local position `i` of process `p` is global index `start + k * G + p * B + r`, with
+  `k, r = divmod(i, B)` and `G = B * process_count`: global batch `k` (the process-local batches
+  concatenated in process order) is the index range `[start + k * G, start + (k + 1) * G)`.
+  """
+
+  def __init__(
+    self,
+    source: Any,
+    start: int,
+    end: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    image_size: int | None,
+    pad_shape: tuple[int, ...],
+  ):
+    self.source = source
+    self.start = start
+    self.end = end
+    self.batch_size = batch_size
+    self.process_index = process_index
+    self.process_count = process_count
+    self.image_size = image_size
+    self.pad_shape = pad_shape
+
+  def map(self, position: int) -> dict[str, np.ndarray]:
+    k, r = divmod(int(position), self.batch_size)
+    index = (
+      self.start
+      + k * self.batch_size * self.process_count
+      + self.process_index * self.batch_size
+      + r
+    )
+    record = self.source[index] if index < self.end else None
+    if record is None:
+      # Padding past `end` gets id -1; a corrupt image keeps its index so the gap is visible.
+      return {
+        "image": np.zeros(self.pad_shape, np.uint8),
+        "label": np.asarray(-1, np.int32),
+        "id": np.asarray(index if index < self.end else -1, np.int64),
+        "valid": np.asarray(False),
+      }
+    return {
+      **record,
+      "image": center_crop_adm(record["image"], self.image_size),
+      "valid": np.asarray(True),
+    }
+
+
+def _pad_shape(source: Any, start: int, end: int, image_size: int | None) -> tuple[int, ...]:
+  if image_size is not None:
+    return (image_size, image_size, 3)
+  for index in range(start, end):  # Native size: take it from the first readable record.
+    record = source[index]
+    if record is not None:
+      return tuple(record["image"].shape)
+  raise ValueError(f"No readable record in [{start}, {end}) to take the image shape from.")
+
+
+def make_ordered_dataset(
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  batch_size: int,
+  start_index: int | None = None,
+  end_index: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  source: Any = None,
+) -> grain.IterDataset:
+  """One ordered, unshuffled, unaugmented pass over `[start_index, end_index)`, for caches.
+
+  Every process yields `ordered_num_batches(end - start, batch_size, process_count)` full
+  batches. Global batch `k` (process batches concatenated in process order, as
+  `jax.make_array_from_process_local_data` does) covers indices `[start + k*G, start + (k+1)*G)`
+  with `G = batch_size * process_count`, so the global stream is in index order. To split the work
+  by shard instead, give each process its own range with `process_index=0, process_count=1`.
+
+  Args:
+    data_config: `config.data`; `image_size` sets the crop, `num_workers` the worker processes.
+    split: split name passed to the source.
+    batch_size: per-process batch size.
+    start_index: first index (default 0).
+    end_index: end (exclusive; default the source's length).
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+    source: a prebuilt source instead of `sources.make_source(data_config, split)`.
+
+  Returns:
+    A grain `IterDataset` of `{"image": uint8 [B, S, S, 3], "label": int32 [B], "id": int64 [B],
+    "valid": bool [B]}`; entries with `valid == False` (padding with id -1, or a corrupt image with
+    its own id) must be dropped by the consumer.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  process_index, process_count = _process_defaults(process_index, process_count)
+  source = sources_lib.make_source(data_config, split) if source is None else source
+  start, end = _index_range(len(source), start_index, end_index)
+  image_size = data_config.get("image_size")
+  num_batches = ordered_num_batches(end - start, batch_size, process_count)
+  to_record = _OrderedRecord(
+    source,
+    start,
+    end,
+    batch_size,
+    process_index,
+    process_count,
+    image_size,
+    _pad_shape(source, start, end, image_size),
+  )
+  ds = grain.MapDataset.range(num_batches * batch_size).map(to_record)
+  iter_ds = ds.to_iter_dataset(_read_options(data_config)).batch(batch_size, drop_remainder=False)
+  return _maybe_mp_prefetch(iter_ds, data_config)
+
+
+def checkpoint_save_args(iterator: grain.DatasetIterator) -> Any:
+  """Orbax save args for a grain iterator (e.g. the `data` item of a `CheckpointManager`).
+
+  grain's handler stores the state of this process's iterator as
+  `process_<i>-of-<n>.json`, so every process saves and restores its own position.
+  """
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def checkpoint_restore_args(iterator: grain.DatasetIterator) -> Any:
+  """Orbax restore args: restores the saved position into `iterator` (a fresh iterator of the
+  same pipeline, built with the same config, seed and process layout) in place."""
+  return grain.checkpoint.CheckpointRestore(iterator)

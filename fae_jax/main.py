@@ -1,0 +1,110 @@
+"""Entry point: runs the stages listed in `config.stages`, skipping completed ones.
+
+  python -m fae_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m fae_jax.main --config=configs/imagenet.py:runlocal --workdir=/tmp/fae \
+      --config.encoder.source=/path/dinov2_vitg14_pretrain.pth
+
+The config is locked: a misspelt `--config.x.y` fails with the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+# Before jax initialises its backends.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fae_jax import report as report_lib  # noqa: E402
+from fae_jax import sharding  # noqa: E402
+from fae_jax.stages import STAGES, StageContext  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes its outputs.")
+_DISTRIBUTED = flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "Call jax.distributed.initialize(): 'auto' does so on multi-host TPU/SLURM environments.",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _want_distributed() -> bool:
+  if _DISTRIBUTED.value != "auto":
+    return _DISTRIBUTED.value == "on"
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def log_devices() -> None:
+  lines = [
+    f"JAX {jax.__version__}: process {jax.process_index()} of {jax.process_count()}, "
+    f"{jax.local_device_count()} local / {jax.device_count()} global devices "
+    f"({jax.default_backend()})"
+  ]
+  for d in jax.devices():
+    lines.append(f"  id={d.id:<4d} process={d.process_index:<3d} {d.device_kind}")
+  logging.info("\n".join(lines))
+
+
+def check_stages(stages) -> None:
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise app.UsageError(
+      f"config.stages names unknown stage(s) {unknown}; available: {list(STAGES)}."
+    )
+
+
+def run_stages(config, workdir: epath.Path) -> dict:
+  """Runs `config.stages` in order; returns the final report."""
+  check_stages(config.stages)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.mesh_from_config(config.mesh)
+  logging.info("Mesh: %s", dict(mesh.shape))
+  ctx = StageContext(config=config, workdir=workdir, mesh=mesh)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  for name in config.stages:
+    stage = STAGES[name]
+    if stage.is_complete(ctx):
+      logging.info("Stage %s: already complete in %s, skipped.", name, workdir)
+      continue
+    logging.info("Stage %s: starting.", name)
+    t0 = time.time()
+    values = stage.run(ctx)
+    seconds = time.time() - t0
+    report_lib.update_report(workdir, name, values, seconds)
+    logging.info("Stage %s: done in %.1f s: %s", name, seconds, json.dumps(values, default=str))
+  return report_lib.read_report(workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _want_distributed():
+    jax.distributed.initialize()
+  config = _CONFIG.value
+  log_devices()
+  logging.info("Config:\n%s", config)
+  workdir = epath.Path(_WORKDIR.value)
+  report = run_stages(config, workdir)
+  if jax.process_index() == 0:
+    print(f"\nOutputs in {workdir}:")
+    for name in config.stages:
+      if (workdir / name).exists():
+        print(f"  {name:10s} {workdir / name}")
+    print(f"  report     {workdir / report_lib.REPORT_NAME}")
+    print(json.dumps(report, indent=2, sort_keys=True))
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

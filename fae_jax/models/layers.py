@@ -1,0 +1,274 @@
+"""Transformer layers shared by every model in fae_jax.
+
+The frozen DINOv2 encoder, the FAE adapter, the feature and pixel decoders and the generators all
+build on these modules, so there is one attention, one MLP and one block implementation.
+
+Parameter names mirror the original DINOv2 / timm PyTorch modules (`qkv`, `proj`, `fc1`, `fc2`,
+`w12`, `w3`, `ls1.gamma`, `norm1`...), which keeps the weight-conversion maps one-to-one.
+
+Shapes: tokens are `[B, N, D]`; attention heads are laid out `[B, N, H, Dh]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+default_kernel_init = nn.initializers.xavier_uniform()
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """The erf GELU of `torch.nn.GELU()` (DINOv2, ViT); jax's default is the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+  "gelu": gelu_exact,
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "silu": jax.nn.silu,
+  "relu": jax.nn.relu,
+  "identity": lambda x: x,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+def make_norm(kind: str, *, eps: float, dtype: Dtype, name: str | None = None) -> nn.Module:
+  """`layernorm` (with bias, as in ViT/DINOv2) or `rmsnorm` (scale only, LightningDiT)."""
+  if kind == "layernorm":
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
+  if kind == "rmsnorm":
+    return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name)
+  raise ValueError(f"Unknown norm {kind!r}; choose 'layernorm' or 'rmsnorm'.")
+
+
+def swiglu_hidden_dim(width: int, mlp_ratio: float, multiple_of: int = 8) -> int:
+  """Hidden width of a SwiGLU FFN with the parameter count of a `mlp_ratio` MLP.
+
+  2/3 of the MLP hidden width rounded up to a multiple of 8: the rule of DINOv2's
+  `SwiGLUFFNFused` (g/14: 1536 * 4 -> 4096) and of LightningDiT.
+  """
+  hidden = int(width * mlp_ratio)
+  return (int(hidden * 2 / 3) + multiple_of - 1) // multiple_of * multiple_of
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings (2-D, axial).
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_2d_tables(
+  grid_hw: tuple[int, int], head_dim: int, *, theta: float = 10000.0, num_prefix: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+  """Axial 2-D RoPE tables for a row-major `h x w` token grid.
+
+  Half of the rotary pairs encode the row, half the column (as in LightningDiT / EVA). Prefix
+  tokens (class or register tokens placed before the grid) get the identity rotation.
+
+  Returns:
+    `(cos, sin)`, each `[num_prefix + h * w, head_dim // 2]` float32.
+  """
+  if head_dim % 4:
+    raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}.")
+  h, w = grid_hw
+  quarter = head_dim // 4
+  inv_freq = 1.0 / (theta ** (np.arange(quarter, dtype=np.float64) / quarter))
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  ang_r = rows.reshape(-1, 1) * inv_freq[None]  # [N, quarter]
+  ang_c = cols.reshape(-1, 1) * inv_freq[None]
+  angles = np.concatenate([ang_r, ang_c], axis=-1)  # [N, head_dim // 2]
+  angles = np.concatenate([np.zeros((num_prefix, head_dim // 2)), angles], axis=0)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates interleaved pairs `(x[2i], x[2i+1])` of `x: [B, N, H, Dh]` by per-token angles.
+
+  `cos`/`sin`: `[N, Dh // 2]`.
+  """
+  dtype = x.dtype
+  x = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  x1, x2 = x[..., 0], x[..., 1]
+  c, s = cos[None, :, None, :], sin[None, :, None, :]
+  out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+  return out.reshape(*out.shape[:-2], -1).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks.
+# ----------------------------------------------------------------------------------------------
+
+
+class LayerScale(nn.Module):
+  """Per-channel learned scale (`ls1.gamma` in DINOv2)."""
+
+  init_value: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+    return x * gamma.astype(x.dtype)
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP `fc1 -> act -> fc2`."""
+
+  hidden_dim: int
+  out_dim: int | None = None
+  activation: str = "gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out_dim = self.out_dim or x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=default_kernel_init, name="fc1")(x)
+    x = get_activation(self.activation)(x)
+    return nn.Dense(out_dim, dtype=self.dtype, kernel_init=default_kernel_init, name="fc2")(x)
+
+
+class SwiGLU(nn.Module):
+  """SwiGLU FFN with the fused input projection of DINOv2's `SwiGLUFFNFused`.
+
+  `w12` projects to `2 * hidden_dim`; its first half is the gate (SiLU), the second the value.
+  """
+
+  hidden_dim: int
+  out_dim: int | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out_dim = self.out_dim or x.shape[-1]
+    x12 = nn.Dense(
+      2 * self.hidden_dim, dtype=self.dtype, kernel_init=default_kernel_init, name="w12"
+    )(x)
+    x1, x2 = jnp.split(x12, 2, axis=-1)
+    return nn.Dense(out_dim, dtype=self.dtype, kernel_init=default_kernel_init, name="w3")(
+      jax.nn.silu(x1) * x2
+    )
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused `qkv` projection.
+
+  Options: head_dim independent of the width (the FAE adapter uses 24 x 256 on a 1536 input),
+  QK-norm (RMSNorm per head), 2-D RoPE (tables passed at call time), an additive or boolean
+  mask, causal masking.
+  """
+
+  num_heads: int
+  head_dim: int | None = None
+  out_dim: int | None = None
+  qkv_bias: bool = True
+  qk_norm: bool = False
+  norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+  ) -> jax.Array:
+    b, n, d = x.shape
+    head_dim = self.head_dim or d // self.num_heads
+    inner = self.num_heads * head_dim
+    qkv = nn.Dense(
+      3 * inner,
+      use_bias=self.qkv_bias,
+      dtype=self.dtype,
+      kernel_init=default_kernel_init,
+      name="qkv",
+    )(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3 * self.num_heads, head_dim), 3, axis=2)
+    if self.qk_norm:
+      q = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, name="q_norm")(q)
+      k = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, name="k_norm")(k)
+    if rope is not None:
+      q = apply_rope(q, *rope)
+      k = apply_rope(k, *rope)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    out = out.reshape(b, n, inner)
+    return nn.Dense(
+      self.out_dim or d, dtype=self.dtype, kernel_init=default_kernel_init, name="proj"
+    )(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Everything that shapes one pre-norm transformer block."""
+
+  width: int
+  num_heads: int
+  head_dim: int | None = None
+  mlp_hidden: int | None = None  # defaults to 4 * width (MLP) or its SwiGLU equivalent
+  ffn: str = "mlp"  # 'mlp' | 'swiglu'
+  activation: str = "gelu"  # MLP activation
+  norm: str = "layernorm"  # 'layernorm' | 'rmsnorm'
+  norm_eps: float = 1e-6
+  layerscale: float | None = None  # LayerScale init value; None = no LayerScale
+  qkv_bias: bool = True
+  qk_norm: bool = False
+
+  def hidden_dim(self) -> int:
+    if self.mlp_hidden is not None:
+      return self.mlp_hidden
+    if self.ffn == "swiglu":
+      return swiglu_hidden_dim(self.width, 4.0)
+    return 4 * self.width
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: `x + ls1(attn(norm1(x)))`, then `x + ls2(mlp(norm2(x)))`."""
+
+  config: BlockConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+  ) -> jax.Array:
+    c = self.config
+    if c.ffn not in ("mlp", "swiglu"):
+      raise ValueError(f"Unknown ffn {c.ffn!r}; choose 'mlp' or 'swiglu'.")
+    h = make_norm(c.norm, eps=c.norm_eps, dtype=self.dtype, name="norm1")(x)
+    h = Attention(
+      num_heads=c.num_heads,
+      head_dim=c.head_dim,
+      qkv_bias=c.qkv_bias,
+      qk_norm=c.qk_norm,
+      norm_eps=c.norm_eps,
+      dtype=self.dtype,
+      name="attn",
+    )(h, rope=rope, mask=mask, is_causal=is_causal)
+    if c.layerscale is not None:
+      h = LayerScale(c.layerscale, name="ls1")(h)
+    x = x + h
+    h = make_norm(c.norm, eps=c.norm_eps, dtype=self.dtype, name="norm2")(x)
+    if c.ffn == "swiglu":
+      h = SwiGLU(c.hidden_dim(), dtype=self.dtype, name="mlp")(h)
+    else:
+      h = Mlp(c.hidden_dim(), activation=c.activation, dtype=self.dtype, name="mlp")(h)
+    if c.layerscale is not None:
+      h = LayerScale(c.layerscale, name="ls2")(h)
+    return x + h

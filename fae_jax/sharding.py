@@ -1,0 +1,145 @@
+"""Device mesh, parameter sharding rules and global-batch assembly.
+
+One mesh with axes `('data', 'fsdp')`. Batches are sharded over both axes. Parameters are
+sharded over `fsdp` by regex rules from the config (big_vision style): a parameter whose path
+matches a rule and whose size is above a threshold is split along its largest dimension divisible
+by the `fsdp` axis size; everything else is replicated. With `fsdp = 1` this is pure data
+parallelism; `data = 1` is pure FSDP (maxtext's preset).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A `('data', 'fsdp')` mesh; -1 on one axis means "all remaining devices"."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh: at most one of data/fsdp may be -1.")
+  if data == -1:
+    data = n // fsdp
+  if fsdp == -1:
+    fsdp = n // data
+  if data * fsdp != n:
+    raise ValueError(
+      f"mesh: data={data} x fsdp={fsdp} = {data * fsdp} does not match the {n} devices; set "
+      "--config.mesh.data/--config.mesh.fsdp so that their product is the device count "
+      "(-1 on one axis takes the rest)."
+    )
+  if len({d.platform for d in devices}) == 1 and devices[0].platform == "tpu":
+    dev_array = jax.experimental.mesh_utils.create_device_mesh((data, fsdp), devices)
+  else:
+    dev_array = np.asarray(devices).reshape(data, fsdp)
+  return Mesh(dev_array, MESH_AXES)
+
+
+def mesh_from_config(mesh_config) -> Mesh:
+  return make_mesh(data=int(mesh_config.data), fsdp=int(mesh_config.fsdp))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over every mesh axis."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:
+  """Splits the largest dimension divisible by `fsdp_size`; replicated if none is."""
+  if fsdp_size <= 1:
+    return P()
+  order = sorted(range(len(shape)), key=lambda i: -shape[i])
+  for i in order:
+    if shape[i] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[i] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def param_partition_specs(
+  abstract_params: Any, mesh: Mesh, rules: Sequence[str] = (".*",), min_size: int = 2**14
+) -> Any:
+  """Partition specs for a parameter pytree from regex rules.
+
+  Args:
+    abstract_params: pytree of arrays or `jax.ShapeDtypeStruct`s.
+    mesh: the mesh; its `fsdp` axis size decides the split.
+    rules: regexes matched (`re.search`) against `a/b/c` parameter paths; matching parameters
+      with at least `min_size` elements are FSDP-sharded.
+    min_size: smaller parameters (biases, norms) stay replicated.
+  """
+  fsdp_size = mesh.shape["fsdp"]
+  compiled = [re.compile(r) for r in rules]
+
+  def spec(path, leaf):
+    name = _path_str(path)
+    if np.prod(leaf.shape) >= min_size and any(r.search(name) for r in compiled):
+      return fsdp_spec(leaf.shape, fsdp_size)
+    return P()
+
+  return jax.tree_util.tree_map_with_path(spec, abstract_params)
+
+
+def param_shardings(
+  abstract_params: Any, mesh: Mesh, rules: Sequence[str] = (".*",), min_size: int = 2**14
+) -> Any:
+  specs = param_partition_specs(abstract_params, mesh, rules, min_size)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+
+def log_sharding_table(shardings: Any, abstract_params: Any, title: str) -> None:
+  lines = [f"{title}:"]
+  flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, leaf), s in zip(flat, flat_s, strict=True):
+    lines.append(f"  {_path_str(path):60s} {tuple(leaf.shape)!s:20s} {s.spec}")
+  logging.info("\n".join(lines))
+
+
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """Assembles per-process host batches into global arrays sharded over the batch axes.
+
+  Each process passes its own slice (leading dimension = global batch / process count).
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh, what: str) -> None:
+  shards = num_batch_shards(mesh)
+  if global_batch_size % shards:
+    raise ValueError(
+      f"{what}: global batch {global_batch_size} is not divisible by the {shards} batch shards "
+      f"of the mesh {dict(mesh.shape)}; pick a batch size that is a multiple of {shards}."
+    )
+  if global_batch_size % jax.process_count():
+    raise ValueError(
+      f"{what}: global batch {global_batch_size} is not divisible by the "
+      f"{jax.process_count()} processes."
+    )

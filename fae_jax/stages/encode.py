@@ -1,0 +1,285 @@
+"""Stage `encode`: the frozen encoder over dataset splits -> `<workdir>/features/<split>/`.
+
+Each split becomes an ArrayRecord cache (`fae_jax.data.array_cache`) of patch tokens
+(bfloat16 `[N, D]`), labels, example ids and a `valid` flag (0 for an image that could not be
+decoded; such examples are counted, logged and skipped by readers). The manifest records the
+encoder fingerprint and the preprocessing, so a later stage never reads features of another
+encoder.
+
+Multi-host: shard `i` belongs to process `i % process_count`, and each process encodes its own
+shards on its local devices (encoding needs no cross-host communication); hosts meet at a
+barrier before process 0 writes the manifest. Resumable at shard granularity: after a restart,
+complete shards are skipped and a partial shard is rewritten from its start.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from fae_jax import encoder_checkpoint, sharding
+from fae_jax.data import array_cache, pipeline, sources
+from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
+from fae_jax.stages.context import StageContext
+
+NAME = "encode"
+OUTPUT = "features"
+
+
+def split_name(config: ml_collections.ConfigDict, split_key: str) -> str:
+  """'train' / 'eval' -> the dataset's split name from `config.data`."""
+  if split_key == "train":
+    return config.data.train_split
+  if split_key == "eval":
+    return config.data.eval_split
+  raise ValueError(f"config.encode.splits entries must be 'train' or 'eval', got {split_key!r}.")
+
+
+def split_limit(config: ml_collections.ConfigDict, split_key: str) -> int | None:
+  return config.data.max_train_examples if split_key == "train" else config.data.max_eval_examples
+
+
+def encoder_spec(config: ml_collections.ConfigDict, backbone_config) -> EncoderSpec:
+  return EncoderSpec(
+    backbone=backbone_config,
+    image_size=int(config.encoder.image_size),
+    features=config.encoder.features,
+  )
+
+
+def cache_dir(workdir: epath.Path, split_key: str) -> epath.Path:
+  return epath.Path(workdir) / OUTPUT / split_key
+
+
+def cache_metadata(
+  config: ml_collections.ConfigDict, encoder_meta: dict[str, Any], split_key: str
+) -> dict[str, Any]:
+  """What must match for a cached feature to be reused (checked by every reader)."""
+  return {
+    "encoder_fingerprint": encoder_meta["fingerprint"],
+    "encoder_random": bool(encoder_meta["source"].get("random")),
+    "encoder_image_size": int(config.encoder.image_size),
+    "features": config.encoder.features,
+    "dataset": config.data.name,
+    "split": split_name(config, split_key),
+    "data_image_size": config.data.image_size,
+  }
+
+
+def cache_spec(spec: EncoderSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+  return {
+    "features": ((spec.num_tokens, spec.feature_dim), "bfloat16"),
+    "label": ((), "int32"),
+    "id": ((), "int64"),
+    "valid": ((), "uint8"),
+  }
+
+
+def make_encode_fn(spec: EncoderSpec, mesh, dtype) -> Any:
+  """Jitted `(params, uint8 images [B, H, W, 3]) -> bfloat16 features [B, N, D]`."""
+
+  def fn(params, images):
+    feats = encode_images(spec, params, images_to_model_range(images), dtype=dtype)
+    return feats.astype(jnp.bfloat16)
+
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(sharding.replicated(mesh), batch), out_shardings=batch)
+
+
+class _Progress:
+  """Logs examples/s and the ETA every `every` seconds."""
+
+  def __init__(self, total: int, what: str, every: float):
+    self.total, self.what, self.every = total, what, every
+    self.done = 0
+    self.t_start = time.time()
+    self.t_first = None  # after the first batch: excludes compilation from the rate
+    self.done_first = 0
+    self.t_log = self.t_start
+
+  def update(self, n: int) -> None:
+    self.done += n
+    now = time.time()
+    if self.t_first is None:
+      self.t_first, self.done_first = now, self.done
+      return
+    if now - self.t_log >= self.every or self.done >= self.total:
+      self.t_log = now
+      rate = self.rate()
+      eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+      logging.info(
+        "%s: %d/%d examples, %.1f examples/s, ETA %.0f s",
+        self.what,
+        self.done,
+        self.total,
+        rate,
+        eta,
+      )
+
+  def rate(self) -> float:
+    if self.t_first is None:
+      return 0.0
+    dt = time.time() - self.t_first
+    n = self.done - self.done_first
+    if n <= 0 or dt <= 0:  # a single batch: fall back to the total including compilation
+      dt, n = time.time() - self.t_start, self.done
+    return n / dt if dt > 0 else 0.0
+
+
+def encode_split(
+  config: ml_collections.ConfigDict,
+  workdir: epath.Path,
+  split_key: str,
+  *,
+  params: Any,
+  spec: EncoderSpec,
+  encoder_meta: dict[str, Any],
+  devices: Sequence[jax.Device] | None = None,
+  stop_after_shards: int | None = None,
+) -> dict[str, Any]:
+  """Encodes one split into its cache; returns counts and throughput of this call.
+
+  `stop_after_shards` (tests) stops after writing that many shards, like an interrupted run.
+  """
+  split = split_name(config, split_key)
+  source = sources.make_source(config.data, split)
+  total = len(source)
+  limit = split_limit(config, split_key)
+  if limit is not None:
+    total = min(total, int(limit))
+  directory = cache_dir(workdir, split_key)
+  writer = array_cache.CacheWriter(
+    directory,
+    cache_spec(spec),
+    total,
+    int(config.encode.examples_per_shard),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    metadata=cache_metadata(config, encoder_meta, split_key),
+    stage=NAME,
+  )
+  mesh = sharding.make_mesh(devices=list(devices or jax.local_devices()))
+  batch_size = int(config.encode.batch_size) // jax.process_count()
+  if batch_size % mesh.size:
+    raise ValueError(
+      f"config.encode.batch_size={config.encode.batch_size} gives {batch_size} per process, "
+      f"not divisible by the {mesh.size} local devices; use a multiple of {mesh.size}."
+    )
+  dtype = jnp.dtype(config.encoder.dtype)
+  encode_fn = make_encode_fn(spec, mesh, dtype)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  pending = writer.pending_shards()
+  todo = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in pending)
+  logging.info(
+    "encode %s (%s): %d examples in %d shards, %d shards (%d examples) to do on this process.",
+    split_key,
+    split,
+    total,
+    math_ceil(total, int(config.encode.examples_per_shard)),
+    len(pending),
+    todo,
+  )
+  progress = _Progress(todo, f"encode/{split_key}", float(config.encode.log_every_seconds))
+  num_invalid = 0
+  for count, shard in enumerate(pending):
+    if stop_after_shards is not None and count >= stop_after_shards:
+      return {"interrupted": True}
+    start, end = writer.shard_range(shard)
+    ds = pipeline.make_ordered_dataset(
+      config.data,
+      split,
+      batch_size=batch_size,
+      start_index=start,
+      end_index=end,
+      process_index=0,
+      process_count=1,
+      source=source,
+    )
+    with writer.open_shard(shard) as out:
+      for batch in ds:
+        feats = np.asarray(encode_fn(params, batch["image"])).view(ml_dtypes.bfloat16)
+        keep = batch["id"] >= 0  # drops padding past the shard's end
+        valid = np.asarray(batch["valid"])[keep]
+        num_invalid += int((~valid).sum())
+        out.write(
+          {
+            "features": feats[keep],
+            "label": np.asarray(batch["label"], np.int32)[keep],
+            "id": np.asarray(batch["id"], np.int64)[keep],
+            "valid": valid.astype(np.uint8),
+          }
+        )
+        progress.update(int(keep.sum()))
+  if num_invalid:
+    logging.warning(
+      "encode %s: %d image(s) could not be decoded; cached with valid=0 and skipped by readers.",
+      split_key,
+      num_invalid,
+    )
+  multihost_utils.sync_global_devices(f"fae_jax:encode:{split_key}")
+  writer.finalize()
+  rate = progress.rate()
+  logging.info(
+    "encode %s: done, %d examples this run at %.1f examples/s -> %s",
+    split_key,
+    progress.done,
+    rate,
+    directory,
+  )
+  return {"num_examples": total, "encoded": progress.done, "rate": rate, "invalid": num_invalid}
+
+
+def math_ceil(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def load_frozen_encoder(ctx: StageContext) -> tuple[Any, EncoderSpec, dict[str, Any]]:
+  params, backbone_config, meta = encoder_checkpoint.load_encoder(ctx.encoder_dir)
+  return params, encoder_spec(ctx.config, backbone_config), meta
+
+
+def is_complete(ctx: StageContext) -> bool:
+  return all(
+    array_cache.is_complete(cache_dir(ctx.workdir, key)) for key in ctx.config.encode.splits
+  )
+
+
+def run(ctx: StageContext) -> dict:
+  params, spec, meta = load_frozen_encoder(ctx)
+  t0 = time.time()
+  results = {}
+  for key in ctx.config.encode.splits:
+    results[key] = encode_split(
+      ctx.config, ctx.workdir, key, params=params, spec=spec, encoder_meta=meta
+    )
+  encoded = sum(r["encoded"] for r in results.values())
+  rates = [r["rate"] for r in results.values() if r["encoded"]]
+  report = {
+    "num_examples": int(sum(r["num_examples"] for r in results.values())),
+    "num_examples_per_split": {k: int(r["num_examples"]) for k, r in results.items()},
+    # Steady-state rate (compilation excluded), weighted by the examples of each split.
+    "images_per_second": float(
+      sum(r["rate"] * r["encoded"] for r in results.values()) / encoded if rates else 0.0
+    ),
+    "invalid_images": int(sum(r["invalid"] for r in results.values())),
+    "seconds_total": round(time.time() - t0, 2),
+    "token_shape": [spec.num_tokens, spec.feature_dim],
+    "dir": str(ctx.workdir / OUTPUT),
+  }
+  logging.info(
+    "encode: %d examples, %.1f images/s (steady state, %d process(es))",
+    report["num_examples"],
+    report["images_per_second"],
+    jax.process_count(),
+  )
+  return report

@@ -33,11 +33,11 @@ def get_config(arg: str | None = None):
   config.data.image_size = None
   config.data.train_split = "train"
   config.data.eval_split = "test"
-  config.data.max_train_examples = 12000
-  config.data.max_eval_examples = 2000
+  config.data.max_train_examples = 6000
+  config.data.max_eval_examples = 1000
 
   config.encode.batch_size = 64
-  config.encode.examples_per_shard = 2000
+  config.encode.examples_per_shard = 1000
 
   if args.tiny:
     config.data.max_train_examples = 192

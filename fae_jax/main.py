@@ -10,6 +10,7 @@ The config is locked: a misspelt `--config.x.y` fails with the list of valid key
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import os
 import sys
 import time
@@ -35,6 +36,13 @@ _DISTRIBUTED = flags.DEFINE_enum(
   "Call jax.distributed.initialize(): 'auto' does so on multi-host TPU/SLURM environments.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax (several lines per save/restore); warnings still pass."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
 
 
 def _want_distributed() -> bool:
@@ -91,6 +99,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _want_distributed():
     jax.distributed.initialize()
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   log_devices()
   logging.info("Config:\n%s", config)

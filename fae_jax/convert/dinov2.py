@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fae_jax.models.dinov2 import VARIANTS, Dinov2, Dinov2Config, interpolation_rule
+from fae_jax.models.layers import swiglu_hidden_dim
 
 SCHEMES = ("original", "hf_hub", "hf_memory")
 
@@ -403,9 +404,8 @@ def infer_config(
   if f"{names['w3']}.weight" in keys:
     ffn = "swiglu"
     hidden = _shape(sd[f"{names['w3']}.weight"])[1]
-    mlp_ratio = 4.0
-    if Dinov2Config(width=width, depth=1, num_heads=1, ffn=ffn).mlp_hidden != hidden:
-      mlp_ratio = hidden * 1.5 / width
+    # The published g/14 rule (ratio 4 -> 2/3 of it rounded up to 8), else the exact ratio.
+    mlp_ratio = 4.0 if swiglu_hidden_dim(width, 4.0) == hidden else hidden * 1.5 / width
   else:
     ffn = "mlp"
     hidden = _shape(get(f"{names['fc1']}.weight"))[0]

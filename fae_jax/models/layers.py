@@ -48,7 +48,8 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 def make_norm(kind: str, *, eps: float, dtype: Dtype, name: str | None = None) -> nn.Module:
   """`layernorm` (with bias, as in ViT/DINOv2) or `rmsnorm` (scale only, LightningDiT)."""
   if kind == "layernorm":
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
+    # Two-pass variance, as PyTorch computes it (exact on checkpoints with large activations).
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
   if kind == "rmsnorm":
     return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name)
   raise ValueError(f"Unknown norm {kind!r}; choose 'layernorm' or 'rmsnorm'.")

@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.name = "fae"
   c.seed = 0
   c.stages = ("convert", "encode")
+  # Read the encoder and feature cache from another workdir (sweep points share one); '' = own.
+  c.upstream_workdir = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by fsdp

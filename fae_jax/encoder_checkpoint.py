@@ -1,14 +1,13 @@
 """The converted frozen encoder on disk: Orbax params + JSON model config + source hash.
 
 Layout of `<workdir>/encoder/` (written once by the `convert` stage or
-`python -m fae_jax.convert dinov2`):
+`python -m fae_jax.convert dinov2`), via `fae_jax.params_store`:
 
   params/         Orbax checkpoint of the Flax params pytree (float32)
   encoder.json    {"model": "dinov2", "config": Dinov2Config fields, "source": {path, sha256,
                    format, random}, "fingerprint": sha256 of config + source hash}
 
-The directory is assembled under a temporary name and renamed when complete, so a crash never
-leaves a half-written encoder. Loading needs neither torch nor the source file.
+Loading needs neither torch nor the source file.
 """
 
 from __future__ import annotations
@@ -16,18 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Any
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
-
+from fae_jax import params_store
 from fae_jax.models.dinov2 import Dinov2Config
 
 META_NAME = "encoder.json"
-PARAMS_NAME = "params"
+_MISSING = (
+  "Run the `convert` stage (python -m fae_jax.main --config=... with 'convert' in "
+  "config.stages) or `python -m fae_jax.convert dinov2 --src=CHECKPOINT --out=DIR`."
+)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -45,45 +42,24 @@ def fingerprint(config: Dinov2Config, source_sha256: str) -> str:
 
 
 def is_saved(directory: str | os.PathLike) -> bool:
-  return (epath.Path(directory) / META_NAME).exists()
+  return params_store.exists(directory, META_NAME)
 
 
 def save_encoder(
   directory: str | os.PathLike, params: Any, config: Dinov2Config, source: dict[str, Any]
 ) -> dict[str, Any]:
   """Writes params + metadata atomically; returns the metadata."""
-  directory = epath.Path(directory)
-  if directory.exists():
-    raise FileExistsError(f"{directory} already exists; delete it to convert again.")
-  tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir(parents=True)
-  params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save((tmp / PARAMS_NAME).resolve(), params)
-    ckptr.wait_until_finished()
   meta = {
     "model": "dinov2",
     "config": config.to_dict(),
     "source": dict(source),
     "fingerprint": fingerprint(config, source.get("sha256", "")),
-    "num_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))),
   }
-  (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-  tmp.rename(directory)
-  return meta
+  return params_store.save_params(directory, params, meta, META_NAME)
 
 
 def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-  path = epath.Path(directory) / META_NAME
-  if not path.exists():
-    raise FileNotFoundError(
-      f"No converted encoder at {directory} ({META_NAME} missing). Run the `convert` stage "
-      "(python -m fae_jax.main --config=... with 'convert' in config.stages) or "
-      "`python -m fae_jax.convert dinov2 --src=CHECKPOINT --out=DIR`."
-    )
-  return json.loads(path.read_text())
+  return params_store.load_meta(directory, META_NAME, _MISSING)
 
 
 def load_encoder(
@@ -92,16 +68,4 @@ def load_encoder(
   """Returns `(params, config, metadata)`; params restored onto `shardings` when given."""
   meta = load_metadata(directory)
   config = Dinov2Config.from_dict(meta["config"])
-  path = (epath.Path(directory) / PARAMS_NAME).resolve()
-  with ocp.StandardCheckpointer() as ckptr:
-    abstract = ckptr.metadata(path).item_metadata
-    if hasattr(abstract, "tree"):
-      abstract = abstract.tree
-    if shardings is None:
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), abstract)
-    else:
-      target = jax.tree.map(
-        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), abstract, shardings
-      )
-    params = ckptr.restore(path, target)
-  return params, config, meta
+  return params_store.load_params(directory, shardings), config, meta

@@ -335,3 +335,40 @@ def checkpoint_restore_args(iterator: grain.DatasetIterator) -> Any:
   """Orbax restore args: restores the saved position into `iterator` (a fresh iterator of the
   same pipeline, built with the same config, seed and process layout) in place."""
   return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def _is_valid(record: dict[str, Any]) -> bool:
+  return bool(record.get("valid", 1))
+
+
+def make_cache_dataset(
+  source: Any,
+  *,
+  batch_size: int,
+  seed: int,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  drop_remainder: bool = True,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  data_config: ml_collections.ConfigDict | None = None,
+) -> grain.IterDataset:
+  """Training batches from a cache (`array_cache.CacheSource`: features, latents).
+
+  Same sharding, shuffling and checkpointable-iterator contract as `make_dataset`, without the
+  image transforms; records whose `valid` field is 0 (images that could not be decoded when the
+  cache was written) are dropped.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  process_index, process_count = _process_defaults(process_index, process_count)
+  per_process = len(source) // process_count
+  if per_process == 0:
+    raise ValueError(f"{len(source)} cached examples cannot be split over {process_count} hosts.")
+  ds = grain.MapDataset.source(source)[process_index : per_process * process_count : process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM, process_index))
+  ds = ds.repeat(num_epochs)
+  options = _read_options(data_config or ml_collections.ConfigDict())
+  iter_ds = ds.to_iter_dataset(options).filter(_is_valid)
+  return iter_ds.batch(batch_size, drop_remainder=drop_remainder)

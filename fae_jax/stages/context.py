@@ -19,5 +19,19 @@ class StageContext:
     return self.workdir / name
 
   @property
+  def upstream(self) -> epath.Path:
+    """Where the shared upstream outputs (encoder, feature cache) live.
+
+    `config.upstream_workdir` lets many runs (sweep points) share one converted encoder and one
+    feature cache; empty means this run's own workdir.
+    """
+    up = self.config.get("upstream_workdir") or ""
+    return epath.Path(up) if up else self.workdir
+
+  @property
   def encoder_dir(self) -> epath.Path:
-    return self.workdir / "encoder"
+    return self.upstream / "encoder"
+
+  @property
+  def features_dir(self) -> epath.Path:
+    return self.upstream / "features"

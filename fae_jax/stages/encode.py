@@ -57,8 +57,9 @@ def encoder_spec(config: ml_collections.ConfigDict, backbone_config) -> EncoderS
   )
 
 
-def cache_dir(workdir: epath.Path, split_key: str) -> epath.Path:
-  return epath.Path(workdir) / OUTPUT / split_key
+def cache_dir(root: epath.Path, split_key: str) -> epath.Path:
+  """`root` is a workdir (or a StageContext's upstream) holding `features/`."""
+  return epath.Path(root) / OUTPUT / split_key
 
 
 def cache_metadata(
@@ -250,7 +251,7 @@ def load_frozen_encoder(ctx: StageContext) -> tuple[Any, EncoderSpec, dict[str, 
 
 def is_complete(ctx: StageContext) -> bool:
   return all(
-    array_cache.is_complete(cache_dir(ctx.workdir, key)) for key in ctx.config.encode.splits
+    array_cache.is_complete(cache_dir(ctx.upstream, key)) for key in ctx.config.encode.splits
   )
 
 
@@ -260,7 +261,7 @@ def run(ctx: StageContext) -> dict:
   results = {}
   for key in ctx.config.encode.splits:
     results[key] = encode_split(
-      ctx.config, ctx.workdir, key, params=params, spec=spec, encoder_meta=meta
+      ctx.config, ctx.upstream, key, params=params, spec=spec, encoder_meta=meta
     )
   encoded = sum(r["encoded"] for r in results.values())
   rates = [r["rate"] for r in results.values() if r["encoded"]]
@@ -274,7 +275,7 @@ def run(ctx: StageContext) -> dict:
     "invalid_images": int(sum(r["invalid"] for r in results.values())),
     "seconds_total": round(time.time() - t0, 2),
     "token_shape": [spec.num_tokens, spec.feature_dim],
-    "dir": str(ctx.workdir / OUTPUT),
+    "dir": str(ctx.features_dir),
   }
   logging.info(
     "encode: %d examples, %.1f images/s (steady state, %d process(es))",

@@ -1,0 +1,1 @@
+"""Evaluation metrics and probes. Import the submodules directly (`evaluation.linear_probe`)."""

@@ -1,0 +1,107 @@
+"""Expands a config's sweep into one `fae_jax.main` command per point.
+
+  python launch/sweep.py --config=configs/demo.py:sweep=adapter_depth --root=runs/sweep_depth
+  python launch/sweep.py --config=configs/demo.py:sweep=adapter_depth --root=... --mode=local
+  python launch/summarize.py runs/sweep_depth            # one table of every point's metrics
+
+A config file defines `sweep(name) -> list[dict]` (each dict: dotted config field -> value) and
+`SWEEP_STAGES` (the stages each point runs). The shared upstream stages (`convert`, `encode`) run
+once in `<root>/shared`; every point has its own workdir `<root>/<name>=<value>` that reads the
+encoder and feature cache from there (`config.upstream_workdir`).
+`--mode=dry` (default) prints the commands; `--mode=local` runs them in sequence here; on a pod,
+hand the printed commands to your scheduler (one job per point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+
+
+def load_config_module(path: str):
+  spec = importlib.util.spec_from_file_location("sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  sys.path.insert(0, repo)
+  spec.loader.exec_module(module)
+  return module
+
+
+def split_config_arg(config_arg: str) -> tuple[str, str | None, str]:
+  """'configs/x.py:sweep=a,tiny' -> ('configs/x.py', 'a', 'tiny')."""
+  path, _, arg = config_arg.partition(":")
+  rest, sweep = [], None
+  for item in filter(None, arg.split(",")):
+    key, _, value = item.partition("=")
+    if key == "sweep":
+      sweep = value
+    else:
+      rest.append(item)
+  return path, sweep, ",".join(rest)
+
+
+def format_value(value) -> str:
+  if isinstance(value, tuple | list):
+    return repr(tuple(value))
+  return str(value)
+
+
+def point_name(overrides: dict) -> str:
+  return ",".join(f"{k.split('.')[-1]}={format_value(v)}" for k, v in overrides.items())
+
+
+def build_commands(config_arg: str, root: str, python: str = sys.executable) -> list[list[str]]:
+  path, sweep, rest = split_config_arg(config_arg)
+  module = load_config_module(path)
+  if not sweep:
+    raise SystemExit(f"--config={config_arg} names no sweep; add ':sweep=NAME'.")
+  points = module.sweep(sweep)
+  config_flag = f"--config={path}" + (f":{rest}" if rest else "")
+  shared = os.path.join(root, "shared")
+  stages = module.SWEEP_STAGES
+  commands = [
+    [
+      python,
+      "-m",
+      "fae_jax.main",
+      config_flag,
+      f"--workdir={shared}",
+      f"--config.stages={format_value(stages['shared'])}",
+    ]
+  ]
+  for overrides in points:
+    cmd = [
+      python,
+      "-m",
+      "fae_jax.main",
+      config_flag,
+      f"--workdir={os.path.join(root, point_name(overrides))}",
+      f"--config.upstream_workdir={shared}",
+      f"--config.stages={format_value(stages['point'])}",
+    ]
+    cmd += [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
+    commands.append(cmd)
+  return commands
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", required=True, help="path.py:sweep=NAME[,presets]")
+  parser.add_argument("--root", required=True, help="root directory of the sweep's workdirs")
+  parser.add_argument("--mode", choices=["dry", "local"], default="dry")
+  args = parser.parse_args(argv)
+  commands = build_commands(args.config, args.root)
+  for cmd in commands:
+    print(shlex.join(cmd), flush=True)
+    if args.mode == "local":
+      subprocess.run(cmd, check=True)
+  if args.mode == "local":
+    print(f"\nDone. Summary: python launch/summarize.py {args.root}")
+
+
+if __name__ == "__main__":
+  main()

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from fae_jax.train.loop import default_train_config
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses `--config=file.py:a,b=3` into a ConfigDict over `defaults`.
@@ -76,4 +78,48 @@ def base_config() -> ml_collections.ConfigDict:
   c.encode.batch_size = 64  # global
   c.encode.examples_per_shard = 2048
   c.encode.log_every_seconds = 30.0
+
+  # Stage `fae`: adapter + Gaussian posterior + feature decoder (fae_jax.models.fae.FaeConfig;
+  # feature_dim and grid come from the encoder). Defaults: the paper's ImageNet model.
+  c.fae = ml_collections.ConfigDict()
+  c.fae.input = "cache"  # 'cache' (features/ from `encode`) | 'encoder' (frozen encoder on the fly)
+  c.fae.beta = 1e-6  # KL weight: our choice, the paper does not give it
+  c.fae.dtype = "float32"  # compute dtype; params stay float32
+  m = c.fae.model = ml_collections.ConfigDict()
+  m.latent_dim = 32
+  m.adapter_depth = 1
+  m.adapter_heads = 24
+  m.adapter_head_dim = 256
+  m.adapter_pos = "learned"
+  m.adapter_norm = "layernorm"
+  m.adapter_activation = "gelu"
+  m.decoder_depth = 6
+  m.decoder_width = 1536
+  m.decoder_heads = 24
+  m.decoder_head_dim = 64
+  m.decoder_ffn = "swiglu"
+  m.decoder_norm = "rmsnorm"
+  m.decoder_rope = True
+  m.decoder_pos = "learned"
+  m.decoder_out_proj = True
+  m.mlp_ratio = 4.0
+  t = c.fae.train = default_train_config()
+  t.num_steps = 1_000_000
+  t.batch_size = 1024
+  t.lr = 1e-4
+  t.schedule = "cosine"
+  t.warmup_steps = 1000
+  t.b1, t.b2 = 0.9, 0.999
+  t.weight_decay = 0.0
+  t.grad_clip = 1.0
+  t.ema_decay = 0.9999
+  t.log_every = 100
+  t.eval_every = 10_000
+  t.checkpoint_every = 5000
+  c.fae.eval = ml_collections.ConfigDict()
+  c.fae.eval.batch_size = 256
+  c.fae.eval.max_examples = 10_000  # held-out examples for reconstruction metrics / probe test
+  c.fae.eval.probe_train_examples = 50_000  # train examples for the linear probes
+  c.fae.eval.probe_l2 = 1e-4
+  c.fae.eval.probe_steps = 500
   return c

@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
   args = common.parse_arg(arg, random_encoder=False, tiny=False)
   config = common.base_config()
   config.name = "demo"
-  config.stages = ("convert", "encode")
+  config.stages = ("convert", "encode", "fae")
 
   # Frozen encoder.
   config.encoder.variant = "S/14"
@@ -39,9 +39,46 @@ def get_config(arg: str | None = None):
   config.encode.batch_size = 64
   config.encode.examples_per_shard = 1000
 
+  # FAE: 8x8x384 tokens -> 8x8x16 latent; small decoder.
+  m = config.fae.model
+  m.latent_dim = 16
+  m.adapter_heads, m.adapter_head_dim = 6, 64
+  m.decoder_depth, m.decoder_width = 2, 256
+  m.decoder_heads, m.decoder_head_dim = 4, 64
+  t = config.fae.train
+  t.num_steps = 1500
+  t.batch_size = 64
+  t.lr = 1e-3
+  t.warmup_steps = 100
+  t.ema_decay = 0.999
+  t.log_every = 100
+  t.eval_every = 0
+  t.checkpoint_every = 500
+  config.fae.eval.batch_size = 250
+  config.fae.eval.max_examples = None
+  config.fae.eval.probe_train_examples = None
+
   if args.tiny:
     config.data.max_train_examples = 192
     config.data.max_eval_examples = 64
     config.encode.batch_size = 32
     config.encode.examples_per_shard = 64
+    config.fae.train.num_steps = 20
+    config.fae.train.batch_size = 16
+    config.fae.train.warmup_steps = 2
+    config.fae.train.log_every = 5
+    config.fae.train.checkpoint_every = 10
+    config.fae.eval.batch_size = 32
   return config
+
+
+# Ablations (launch/sweep.py): each point reruns `fae` on the shared encoder and feature cache.
+SWEEP_STAGES = {"shared": ("convert", "encode"), "point": ("fae",)}
+
+
+def sweep(name: str) -> list[dict]:
+  if name == "adapter_depth":
+    return [{"fae.model.adapter_depth": d} for d in (0, 1, 2, 6)]
+  if name == "latent_channels":
+    return [{"fae.model.latent_dim": c} for c in (8, 16, 32, 48, 64)]
+  raise ValueError(f"Unknown sweep {name!r}; choose 'adapter_depth' or 'latent_channels'.")

@@ -15,7 +15,8 @@ def get_config(arg: str | None = None):
   args = common.parse_arg(arg, runlocal=False)
   config = common.base_config()
   config.name = "imagenet256"
-  config.stages = ("convert", "encode")
+  config.stages = ("convert", "encode", "fae")
+  config.fae.dtype = "bfloat16"
 
   # DINOv2-g/14 without registers; 256 px images resized to 224 px -> 16x16 tokens of 1536.
   config.encoder.variant = "g/14"
@@ -40,4 +41,22 @@ def get_config(arg: str | None = None):
     config.encode.batch_size = 16
     config.encode.examples_per_shard = 128
     config.data.num_workers = 0
+    config.fae.train.num_steps = 20
+    config.fae.train.batch_size = 16
+    config.fae.train.log_every = 5
+    config.fae.train.checkpoint_every = 10
+    config.fae.eval.max_examples = 64
+    config.fae.eval.probe_train_examples = 256
   return config
+
+
+# Ablations (launch/sweep.py), PAPER.md: adapter depth and latent channels.
+SWEEP_STAGES = {"shared": ("convert", "encode"), "point": ("fae",)}
+
+
+def sweep(name: str) -> list[dict]:
+  if name == "adapter_depth":
+    return [{"fae.model.adapter_depth": d} for d in (0, 1, 2, 6)]
+  if name == "latent_channels":
+    return [{"fae.model.latent_dim": c} for c in (8, 16, 32, 48, 64)]
+  raise ValueError(f"Unknown sweep {name!r}; choose 'adapter_depth' or 'latent_channels'.")

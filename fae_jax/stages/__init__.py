@@ -9,12 +9,13 @@ Adding a stage = one module here plus one line in `STAGES` below.
 
 from __future__ import annotations
 
-from fae_jax.stages import convert, encode
+from fae_jax.stages import convert, encode, fae
 from fae_jax.stages.context import StageContext
 
 STAGES = {
   convert.NAME: convert,
   encode.NAME: encode,
+  fae.NAME: fae,
 }
 
 __all__ = ["STAGES", "StageContext"]

@@ -35,6 +35,7 @@ checkpoint of the broken state is written.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -259,6 +260,46 @@ def make_train_step(
   )
 
 
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends scalars as JSON lines to `<stage>/train_log.jsonl`: a log that needs no TensorBoard
+  to read, from which stages and sweeps summarise loss curves."""
+
+  def __init__(self, path: epath.Path):
+    self._path = path
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_scalars(self, step, scalars):
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    with self._path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
 @contextlib.contextmanager
 def _closing(writer: metric_writers.MetricWriter):
   try:
@@ -409,6 +450,9 @@ def _run(
   log_every = int(config.get("log_every", 0) or 0)
   eval_every = int(config.get("eval_every", 0) or 0)
   writer = metric_writers.create_default_writer(stage_dir, just_logging=jax.process_index() > 0)
+  if jax.process_index() == 0:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    writer = metric_writers.MultiWriter([writer, JsonlWriter(stage_dir / "train_log.jsonl")])
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   start_step = step = int(jax.device_get(state.step))
   logging.info("%s: training steps %d -> %d.", stage, start_step, num_steps)

@@ -1,0 +1,320 @@
+"""Stage `fae`: the adapter + Gaussian posterior + feature decoder, trained on frozen features.
+
+Loss `||x_hat - x||^2 + beta * KL(q(z|x) || N(0, I))` (fae_jax.losses.fae). Input comes from the
+feature cache of the `encode` stage (`config.fae.input = 'cache'`, the default) or from the frozen
+encoder run inside the train step (`'encoder'`, no cache needed; the encoder's weights enter the
+jitted step as sharded arguments).
+
+Outputs in `<workdir>/fae/`: TensorBoard events, `checkpoints/` (resumable), `export/` (the EMA
+weights, or the raw ones when EMA is off, as an inference checkpoint with `model.json`), and
+`results.json` (held-out reconstruction and linear-probe metrics). The stage is complete when
+`results.json` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fae_jax import encoder_checkpoint, params_store, sharding
+from fae_jax.data import array_cache, pipeline
+from fae_jax.evaluation import features as feature_metrics
+from fae_jax.evaluation import linear_probe
+from fae_jax.losses import fae as fae_losses
+from fae_jax.models import fae as fae_model
+from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
+from fae_jax.report import write_json_atomic
+from fae_jax.stages import encode
+from fae_jax.stages.context import StageContext
+from fae_jax.train import loop
+
+NAME = "fae"
+EXPORT = "export"
+EXPORT_META = "model.json"
+RESULTS = "results.json"
+
+# `config.fae.model` fields that are not FaeConfig fields (they come from the encoder).
+_DERIVED = ("feature_dim", "grid")
+
+
+def model_config(config: ml_collections.ConfigDict, spec: EncoderSpec) -> fae_model.FaeConfig:
+  fields = dict(config.fae.model)
+  for name in _DERIVED:
+    fields.pop(name, None)
+  return fae_model.FaeConfig(feature_dim=spec.feature_dim, grid=spec.grid, **fields)
+
+
+def load_export(directory) -> tuple[Any, fae_model.FaeConfig, dict[str, Any]]:
+  """Exported FAE weights: `(params, FaeConfig, meta)`."""
+  meta = params_store.load_meta(
+    directory, EXPORT_META, "Run the `fae` stage first (python -m fae_jax.main ... stages fae)."
+  )
+  return params_store.load_params(directory), fae_model.FaeConfig.from_dict(meta["config"]), meta
+
+
+def is_complete(ctx: StageContext) -> bool:
+  return (ctx.stage_dir(NAME) / RESULTS).exists()
+
+
+def _feature_source(ctx: StageContext, split_key: str, encoder_meta: dict[str, Any]):
+  directory = encode.cache_dir(ctx.upstream, split_key)
+  if not array_cache.is_complete(directory):
+    raise FileNotFoundError(
+      f"The feature cache {directory} is missing or incomplete: run the `encode` stage first "
+      "(add 'encode' to config.stages), or set config.fae.input='encoder' to encode on the fly."
+    )
+  expected = encode.cache_metadata(ctx.config, encoder_meta, split_key)
+  return array_cache.CacheSource(directory, expected_metadata=expected, stage="encode")
+
+
+def feature_batches(
+  ctx: StageContext,
+  split_key: str,
+  *,
+  max_examples: int | None,
+  batch_size: int,
+  encoder: tuple[Any, EncoderSpec, dict[str, Any]],
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Ordered `(features float32 [B, N, D], labels [B])` of a split (cache or on the fly)."""
+  params, spec, meta = encoder
+  if ctx.config.fae.input == "cache":
+    source = _feature_source(ctx, split_key, meta)
+    n = len(source) if max_examples is None else min(len(source), int(max_examples))
+    ds = grain.MapDataset.source(source)[:n].to_iter_dataset().batch(batch_size)
+    for batch in ds:
+      keep = batch["valid"].astype(bool)
+      yield batch["features"][keep].astype(np.float32), batch["label"][keep]
+    return
+  split = encode.split_name(ctx.config, split_key)
+  limit = encode.split_limit(ctx.config, split_key)
+  limits = [v for v in (max_examples, limit) if v is not None]
+  end = min(limits) if limits else None
+  fn = jax.jit(lambda p, im: encode_images(spec, p, images_to_model_range(im)))
+  ds = pipeline.make_ordered_dataset(
+    ctx.config.data,
+    split,
+    batch_size=batch_size,
+    end_index=end,
+    process_index=0,
+    process_count=1,
+  )
+  for batch in ds:
+    keep = batch["valid"].astype(bool)
+    yield np.asarray(fn(params, batch["image"]))[keep], batch["label"][keep]
+
+
+def _load_encoder(ctx: StageContext, need_params: bool):
+  if need_params:
+    return encode.load_frozen_encoder(ctx)
+  meta = encoder_checkpoint.load_metadata(ctx.encoder_dir)
+  from fae_jax.models.dinov2 import Dinov2Config
+
+  return None, encode.encoder_spec(ctx.config, Dinov2Config.from_dict(meta["config"])), meta
+
+
+def _apply_fns(model: fae_model.Fae):
+  @jax.jit
+  def reconstruct(params, x):
+    mean, logvar = model.apply({"params": params}, x, method=fae_model.Fae.encode)
+    x_hat = model.apply({"params": params}, mean, method=fae_model.Fae.decode)
+    return x_hat, mean
+
+  return reconstruct
+
+
+def evaluate(
+  ctx: StageContext,
+  model: fae_model.Fae,
+  params: Any,
+  encoder: tuple[Any, EncoderSpec, dict[str, Any]],
+  *,
+  probe: bool,
+) -> dict[str, float]:
+  """Held-out reconstruction (posterior mean) and, optionally, the linear probes."""
+  cfg = ctx.config.fae.eval
+  reconstruct = _apply_fns(model)
+  bs = int(cfg.batch_size)
+
+  def run(split_key, max_examples):
+    xs, xh, zs, ys, cos, num, den = [], [], [], [], [], 0.0, 0.0
+    for x, y in feature_batches(
+      ctx, split_key, max_examples=max_examples, batch_size=bs, encoder=encoder
+    ):
+      n = len(y)
+      if n < bs:  # pad to a static shape: one compilation
+        pad = np.zeros((bs - n, *x.shape[1:]), x.dtype)
+        x_hat, mean = reconstruct(params, np.concatenate([x, pad]))
+        x_hat, mean = np.asarray(x_hat)[:n], np.asarray(mean)[:n]
+      else:
+        x_hat, mean = (np.asarray(a) for a in reconstruct(params, x))
+      cos.append(np.asarray(feature_metrics.cosine_similarity(x, x_hat)).mean(-1))
+      num += float(((x_hat - x) ** 2).sum())
+      den += float((x**2).sum())
+      if probe:
+        xs.append(np.asarray(linear_probe.pool_tokens(x)))
+        xh.append(np.asarray(linear_probe.pool_tokens(x_hat)))
+        zs.append(np.asarray(linear_probe.pool_tokens(mean)))
+      ys.append(y)
+    cat = lambda a: np.concatenate(a) if a else None  # noqa: E731
+    return {
+      "cos": float(np.concatenate(cos).mean()),
+      "rel_mse": num / den,
+      "x": cat(xs),
+      "x_hat": cat(xh),
+      "z": cat(zs),
+      "y": cat(ys),
+    }
+
+  held = run("eval", cfg.max_examples)
+  out = {"feature_cosine": held["cos"], "relative_mse": held["rel_mse"]}
+  if probe:
+    train = run("train", cfg.probe_train_examples)
+    num_classes = int(max(train["y"].max(), held["y"].max()) + 1)
+    for name in ("x", "x_hat", "z"):
+      key = {"x": "probe_top1_x", "x_hat": "probe_top1_xhat", "z": "probe_top1_z"}[name]
+      out[key] = float(
+        linear_probe.linear_probe_top1(
+          train[name],
+          train["y"],
+          held[name],
+          held["y"],
+          num_classes,
+          l2=float(cfg.probe_l2),
+          steps=int(cfg.probe_steps),
+          seed=ctx.config.seed,
+        )
+      )
+    out["probe_train_examples"] = int(len(train["y"]))
+  out["eval_examples"] = int(len(held["y"]))
+  return out
+
+
+def run(ctx: StageContext) -> dict:
+  config = ctx.config
+  fcfg = config.fae
+  if fcfg.input not in ("cache", "encoder"):
+    raise ValueError(f"config.fae.input must be 'cache' or 'encoder', got {fcfg.input!r}.")
+  encoder = _load_encoder(ctx, need_params=fcfg.input == "encoder")
+  enc_params, spec, enc_meta = encoder
+  mcfg = model_config(config, spec)
+  dtype = jnp.dtype(fcfg.dtype)
+  model = fae_model.Fae(mcfg, dtype=dtype)
+  train_cfg = fcfg.train
+  sharding.check_batch_divisible(int(train_cfg.batch_size), ctx.mesh, "config.fae.train")
+  per_process = int(train_cfg.batch_size) // jax.process_count()
+  beta = float(fcfg.beta)
+  x0 = jnp.zeros((1, spec.num_tokens, spec.feature_dim), jnp.float32)
+
+  def init_params(rng):
+    return model.init({"params": rng}, x0, rng)["params"]
+
+  def fae_loss_on(params, x, rng):
+    out = model.apply({"params": params}, x, rng)
+    return fae_losses.fae_loss(x, out["x_hat"], out["mean"], out["logvar"], beta=beta)
+
+  if fcfg.input == "cache":
+    source = _feature_source(ctx, "train", enc_meta)
+
+    def data_iter_fn():
+      ds = pipeline.make_cache_dataset(
+        source, batch_size=per_process, seed=config.seed, data_config=config.data
+      )
+      return iter(ds.map(lambda b: {"features": b["features"]}))
+
+    def loss_fn(params, batch, rng):
+      return fae_loss_on(params, batch["features"].astype(jnp.float32), rng)
+
+    extra = ()
+  else:
+
+    def data_iter_fn():
+      ds = pipeline.make_dataset(
+        config.data,
+        config.data.train_split,
+        batch_size=per_process,
+        seed=config.seed,
+        shuffle=True,
+        end_index=config.data.max_train_examples,
+      )
+      return iter(ds.map(lambda b: {"image": b["image"]}))
+
+    def loss_fn(params, batch, rng, frozen):
+      x = encode_images(spec, frozen, images_to_model_range(batch["image"]), dtype=dtype)
+      return fae_loss_on(params, jax.lax.stop_gradient(x), rng)
+
+    extra = (enc_params,)
+
+  def eval_fn(state):
+    params = state.ema_params if state.ema_params is not None else state.params
+    return evaluate(ctx, model, params, encoder, probe=False)
+
+  t0 = time.time()
+  state = loop.train(
+    workdir=ctx.workdir,
+    stage=NAME,
+    config=train_cfg,
+    mesh=ctx.mesh,
+    init_params_fn=init_params,
+    loss_fn=loss_fn,
+    data_iter_fn=data_iter_fn,
+    seed=config.seed,
+    flops_per_example=fae_model.fae_flops_per_example(mcfg),
+    eval_fn=eval_fn if int(train_cfg.eval_every) > 0 else None,
+    extra_args=extra,
+    saved_config=config,
+  )
+  train_seconds = time.time() - t0
+  final = state.ema_params if state.ema_params is not None else state.params
+  export_dir = ctx.stage_dir(NAME) / EXPORT
+  if jax.process_index() == 0 and not params_store.exists(export_dir, EXPORT_META):
+    params_store.save_params(
+      export_dir,
+      final,
+      {
+        "model": "fae",
+        "config": mcfg.to_dict(),
+        "weights": "ema" if state.ema_params is not None else "raw",
+        "step": int(state.step),
+        "encoder_fingerprint": enc_meta["fingerprint"],
+      },
+      EXPORT_META,
+    )
+  logging.info("fae: evaluating the final model (reconstruction and linear probes)")
+  results = evaluate(ctx, model, jax.device_get(final), encoder, probe=True)
+  results.update(
+    {
+      "steps": int(state.step),
+      "train_seconds": round(train_seconds, 1),
+      "num_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(final))),
+      "latent_shape": [*spec.grid, mcfg.latent_dim],
+      "adapter_depth": mcfg.adapter_depth,
+      "encoder_random": bool(enc_meta["source"].get("random")),
+      "export": str(export_dir),
+    }
+  )
+  results.update(_loss_curve(ctx))
+  if jax.process_index() == 0:
+    write_json_atomic(ctx.stage_dir(NAME) / RESULTS, results)
+  logging.info("fae results: %s", json.dumps(results, sort_keys=True))
+  return results
+
+
+def _loss_curve(ctx: StageContext) -> dict[str, float]:
+  """First and last logged train losses (from the TensorBoard-free JSON log, when present)."""
+  path = ctx.stage_dir(NAME) / "train_log.jsonl"
+  if not path.exists():
+    return {}
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  losses = [r["train/loss"] for r in rows if "train/loss" in r]
+  if not losses:
+    return {}
+  return {"train_loss_first": float(losses[0]), "train_loss_last": float(losses[-1])}

@@ -218,8 +218,12 @@ def make_train_step(
   shardings: TrainState,
   mesh: Mesh,
   extra_shardings: Any = (),
+  loss_takes_step: bool = False,
 ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step `(state, global_batch, extra_args) -> (state, metrics)`; `state` is donated.
+
+  With `loss_takes_step`, the loss is called as `loss_fn(..., step=state.step)` (a traced int32
+  scalar), for objectives with step-dependent terms such as a GAN loss switched on at a step.
 
   Metrics: the loss_fn's metrics (a name without a group goes to `train/`), `train/loss`,
   `train/grad_norm` (global L2 norm before clipping) and `train/lr` (the rate of this step).
@@ -231,6 +235,8 @@ def make_train_step(
     rng = state.step_rng()
 
     def objective(params):
+      if loss_takes_step:
+        return loss_fn(params, batch, rng, *extra, step=state.step)
       return loss_fn(params, batch, rng, *extra)
 
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -330,6 +336,7 @@ def train(
   eval_fn: Callable[[TrainState], Mapping[str, Any] | None] | None = None,
   extra_args: tuple[Any, ...] = (),
   saved_config: Any = None,
+  loss_takes_step: bool = False,
 ) -> TrainState:
   """Trains (or resumes) a stage to `config.num_steps` and returns the final state.
 
@@ -353,6 +360,7 @@ def train(
       the FSDP rules and enter the step as sharded arguments.
     saved_config: what the `config` checkpoint item stores (default: `config`); pass the whole
       experiment config so a checkpoint describes itself.
+    loss_takes_step: call `loss_fn(..., step=step)` with the traced step (see make_train_step).
 
   Returns:
     The final `TrainState`; if the stage already reached `num_steps`, the restored one.
@@ -411,6 +419,7 @@ def train(
       shardings=shardings,
       mesh=mesh,
       extra_shardings=extra_shardings,
+      loss_takes_step=loss_takes_step,
     )
     return _run(
       stage=stage,

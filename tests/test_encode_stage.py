@@ -125,6 +125,7 @@ def test_cache_of_another_encoder_is_refused(tmp_path, tiny_encoder):
 
 def test_run_stages_convert_encode_report_and_skip(tmp_path, monkeypatch):
   config = demo.get_config("random_encoder,tiny")
+  config.stages = ("convert", "encode")
   config.data.name = "synthetic"
   config.data.num_examples = 48
   config.data.synthetic_image_size = 28

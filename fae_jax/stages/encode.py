@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import ml_dtypes
 import numpy as np
 from absl import logging
 from etils import epath
@@ -78,23 +77,17 @@ def cache_metadata(
 
 
 def cache_spec(spec: EncoderSpec) -> dict[str, tuple[tuple[int, ...], str]]:
-  return {
-    "features": ((spec.num_tokens, spec.feature_dim), "bfloat16"),
-    "label": ((), "int32"),
-    "id": ((), "int64"),
-    "valid": ((), "uint8"),
-  }
+  return {"features": ((spec.num_tokens, spec.feature_dim), "bfloat16")}
 
 
-def make_encode_fn(spec: EncoderSpec, mesh, dtype) -> Any:
-  """Jitted `(params, uint8 images [B, H, W, 3]) -> bfloat16 features [B, N, D]`."""
+def make_encode_fn(spec: EncoderSpec, dtype) -> Any:
+  """`(params, uint8 images [B, H, W, 3]) -> {"features": bfloat16 [B, N, D]}` (to be jitted)."""
 
   def fn(params, images):
     feats = encode_images(spec, params, images_to_model_range(images), dtype=dtype)
-    return feats.astype(jnp.bfloat16)
+    return {"features": feats.astype(jnp.bfloat16)}
 
-  batch = sharding.batch_sharding(mesh)
-  return jax.jit(fn, in_shardings=(sharding.replicated(mesh), batch), out_shardings=batch)
+  return fn
 
 
 class _Progress:
@@ -137,20 +130,25 @@ class _Progress:
     return n / dt if dt > 0 else 0.0
 
 
-def encode_split(
+def write_image_cache(
   config: ml_collections.ConfigDict,
-  workdir: epath.Path,
+  directory: epath.Path,
   split_key: str,
   *,
+  spec: dict[str, tuple[tuple[int, ...], str]],
+  metadata: dict[str, Any],
+  compute_fn: Any,
   params: Any,
-  spec: EncoderSpec,
-  encoder_meta: dict[str, Any],
+  what: str,
   devices: Sequence[jax.Device] | None = None,
   stop_after_shards: int | None = None,
 ) -> dict[str, Any]:
-  """Encodes one split into its cache; returns counts and throughput of this call.
+  """Runs `compute_fn(params, uint8 images)` over a split and caches its outputs per example.
 
-  `stop_after_shards` (tests) stops after writing that many shards, like an interrupted run.
+  `spec` names the computed fields (plus `label`, `id`, `valid`, added here) with their shapes and
+  dtypes; `compute_fn` returns a dict of `[B, ...]` arrays already in those dtypes. Shared by the
+  `encode` (features) and `latents` (FAE posteriors) stages. `stop_after_shards` (tests) stops
+  after writing that many shards, like an interrupted run.
   """
   split = split_name(config, split_key)
   source = sources.make_source(config.data, split)
@@ -158,16 +156,16 @@ def encode_split(
   limit = split_limit(config, split_key)
   if limit is not None:
     total = min(total, int(limit))
-  directory = cache_dir(workdir, split_key)
+  spec = {**spec, "label": ((), "int32"), "id": ((), "int64"), "valid": ((), "uint8")}
   writer = array_cache.CacheWriter(
     directory,
-    cache_spec(spec),
+    spec,
     total,
     int(config.encode.examples_per_shard),
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-    metadata=cache_metadata(config, encoder_meta, split_key),
-    stage=NAME,
+    metadata=metadata,
+    stage=what,
   )
   mesh = sharding.make_mesh(devices=list(devices or jax.local_devices()))
   batch_size = int(config.encode.batch_size) // jax.process_count()
@@ -176,13 +174,14 @@ def encode_split(
       f"config.encode.batch_size={config.encode.batch_size} gives {batch_size} per process, "
       f"not divisible by the {mesh.size} local devices; use a multiple of {mesh.size}."
     )
-  dtype = jnp.dtype(config.encoder.dtype)
-  encode_fn = make_encode_fn(spec, mesh, dtype)
+  batch = sharding.batch_sharding(mesh)
+  fn = jax.jit(compute_fn, in_shardings=(sharding.replicated(mesh), batch), out_shardings=batch)
   params = jax.device_put(params, sharding.replicated(mesh))
   pending = writer.pending_shards()
   todo = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in pending)
   logging.info(
-    "encode %s (%s): %d examples in %d shards, %d shards (%d examples) to do on this process.",
+    "%s %s (%s): %d examples in %d shards, %d shards (%d examples) to do on this process.",
+    what,
     split_key,
     split,
     total,
@@ -190,7 +189,7 @@ def encode_split(
     len(pending),
     todo,
   )
-  progress = _Progress(todo, f"encode/{split_key}", float(config.encode.log_every_seconds))
+  progress = _Progress(todo, f"{what}/{split_key}", float(config.encode.log_every_seconds))
   num_invalid = 0
   for count, shard in enumerate(pending):
     if stop_after_shards is not None and count >= stop_after_shards:
@@ -207,37 +206,62 @@ def encode_split(
       source=source,
     )
     with writer.open_shard(shard) as out:
-      for batch in ds:
-        feats = np.asarray(encode_fn(params, batch["image"])).view(ml_dtypes.bfloat16)
-        keep = batch["id"] >= 0  # drops padding past the shard's end
-        valid = np.asarray(batch["valid"])[keep]
+      for records in ds:
+        outputs = jax.device_get(fn(params, records["image"]))
+        keep = records["id"] >= 0  # drops padding past the shard's end
+        valid = np.asarray(records["valid"])[keep]
         num_invalid += int((~valid).sum())
-        out.write(
-          {
-            "features": feats[keep],
-            "label": np.asarray(batch["label"], np.int32)[keep],
-            "id": np.asarray(batch["id"], np.int64)[keep],
-            "valid": valid.astype(np.uint8),
-          }
-        )
+        row = {k: np.asarray(v)[keep] for k, v in outputs.items()}
+        row["label"] = np.asarray(records["label"], np.int32)[keep]
+        row["id"] = np.asarray(records["id"], np.int64)[keep]
+        row["valid"] = valid.astype(np.uint8)
+        out.write(row)
         progress.update(int(keep.sum()))
   if num_invalid:
     logging.warning(
-      "encode %s: %d image(s) could not be decoded; cached with valid=0 and skipped by readers.",
+      "%s %s: %d image(s) could not be decoded; cached with valid=0 and skipped by readers.",
+      what,
       split_key,
       num_invalid,
     )
-  multihost_utils.sync_global_devices(f"fae_jax:encode:{split_key}")
+  multihost_utils.sync_global_devices(f"fae_jax:{what}:{split_key}")
   writer.finalize()
   rate = progress.rate()
   logging.info(
-    "encode %s: done, %d examples this run at %.1f examples/s -> %s",
+    "%s %s: done, %d examples this run at %.1f examples/s -> %s",
+    what,
     split_key,
     progress.done,
     rate,
     directory,
   )
   return {"num_examples": total, "encoded": progress.done, "rate": rate, "invalid": num_invalid}
+
+
+def encode_split(
+  config: ml_collections.ConfigDict,
+  root: epath.Path,
+  split_key: str,
+  *,
+  params: Any,
+  spec: EncoderSpec,
+  encoder_meta: dict[str, Any],
+  devices: Sequence[jax.Device] | None = None,
+  stop_after_shards: int | None = None,
+) -> dict[str, Any]:
+  """Encodes one split into `<root>/features/<split_key>`; returns counts and throughput."""
+  return write_image_cache(
+    config,
+    cache_dir(root, split_key),
+    split_key,
+    spec=cache_spec(spec),
+    metadata=cache_metadata(config, encoder_meta, split_key),
+    compute_fn=make_encode_fn(spec, jnp.dtype(config.encoder.dtype)),
+    params=params,
+    what=NAME,
+    devices=devices,
+    stop_after_shards=stop_after_shards,
+  )
 
 
 def math_ceil(a: int, b: int) -> int:

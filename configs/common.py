@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from fae_jax.flow_matching import guidance
 from fae_jax.train.loop import default_train_config
 
 
@@ -122,4 +123,130 @@ def base_config() -> ml_collections.ConfigDict:
   c.fae.eval.probe_train_examples = 50_000  # train examples for the linear probes
   c.fae.eval.probe_l2 = 1e-4
   c.fae.eval.probe_steps = 500
+
+  # Stage `pixel`: the pixel decoder (fae_jax.models.pixel_decoder.PixelDecoderConfig; feature_dim
+  # and grid come from the encoder), trained in two phases, each resumable: `noisy` on the frozen
+  # encoder's features plus Gaussian noise, then `finetune` on the frozen FAE's x_hat. Defaults:
+  # the paper's ViT-L/16; loss weights, discriminator and phase lengths are our choices.
+  c.pixel = ml_collections.ConfigDict()
+  # 'encoder': features computed by the frozen encoder inside the step (any augmentation works);
+  # 'cache': features from the `encode` stage's cache, each paired with its image by id.
+  c.pixel.input = "encoder"
+  c.pixel.dtype = "float32"  # decoder compute dtype; params stay float32
+  m = c.pixel.model = ml_collections.ConfigDict()
+  m.width, m.depth, m.num_heads = 1024, 24, 16
+  m.mlp_ratio = 4.0
+  m.ffn = "mlp"
+  m.norm = "layernorm"
+  m.rope = False
+  m.pos = "learned"
+  m.patch_size = 16  # output image side = token grid side * patch_size
+  # Feature noise of phase `noisy` (training only): 'fixed' sigma, or per-sample U(0, tau) (RAE).
+  c.pixel.noise = ml_collections.ConfigDict()
+  c.pixel.noise.mode = "fixed"
+  c.pixel.noise.sigma = 0.4  # the paper's value for (unit-scale, `no_affine`) DINOv2 features
+  c.pixel.noise.tau = 0.8
+  loss = c.pixel.loss = ml_collections.ConfigDict()
+  loss.rec = "l1"  # 'l1' | 'l2'
+  loss.rec_weight = 1.0
+  loss.perceptual = "dino"  # 'dino' (frozen-encoder feature matching) | 'lpips' | 'none'
+  loss.perc_weight = 1.0
+  loss.lpips_dir = ""  # output of `python -m fae_jax.convert lpips ...` (perceptual='lpips')
+  loss.gan_weight = 0.5  # 0 = no discriminator at all
+  loss.adaptive_gan_weight = True  # VQGAN: scale by ||g_rec|| / ||g_gan|| at the last layer
+  loss.adaptive_max = 1e4
+  d = c.pixel.disc = ml_collections.ConfigDict()  # fae_jax.models.discriminator (PatchGAN)
+  d.base_channels = 64
+  d.num_layers = 3
+  d.norm = "group"
+  d.num_groups = 32
+  c.pixel.noisy = ml_collections.ConfigDict()
+  c.pixel.noisy.gan_start = 400_000  # phase-local step at which GAN terms switch on
+  t = c.pixel.noisy.train = default_train_config()
+  t.num_steps = 800_000  # 0 disables the phase
+  t.batch_size = 512
+  t.lr = 1e-4
+  t.warmup_steps = 1000
+  t.ema_decay = 0.9999
+  t.log_every = 100
+  t.checkpoint_every = 5000
+  c.pixel.finetune = ml_collections.ConfigDict()
+  c.pixel.finetune.gan_start = 0  # the discriminator carries over from phase `noisy`
+  # Train on x_hat of a posterior sample z = mean + std * eps (what the generator is trained on);
+  # False: the posterior mean.
+  c.pixel.finetune.sample_posterior = True
+  t = c.pixel.finetune.train = default_train_config()
+  t.num_steps = 200_000
+  t.batch_size = 512
+  t.lr = 1e-4
+  t.warmup_steps = 1000
+  t.ema_decay = 0.9999
+  t.log_every = 100
+  t.checkpoint_every = 5000
+  c.pixel.eval = ml_collections.ConfigDict()
+  c.pixel.eval.batch_size = 64
+  c.pixel.eval.max_examples = 10_000  # held-out images (also capped by data.max_eval_examples)
+  c.pixel.eval.grid_images = 32  # originals next to reconstructions in the PNG grid
+
+  # Stage `latents`: FAE posteriors (mean, std) of the train split and its flips.
+  # (Batching and sharding reuse config.encode.batch_size / examples_per_shard.)
+  c.latents = ml_collections.ConfigDict()
+  c.latents.flip = True  # also cache the horizontally flipped images' posteriors
+
+  # Stage `diffusion`: LightningDiT-XL/1 on the latents (PAPER.md "Generators").
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.dtype = "float32"
+  c.diffusion.model = ml_collections.ConfigDict()
+  c.diffusion.model.variant = "XL/1"
+  c.diffusion.model.lightning = True  # SwiGLU + RoPE + RMSNorm (False: plain SiT)
+  c.diffusion.model.class_dropout = 0.1
+  c.diffusion.model.qk_norm = False
+  # Optional overrides of the variant's size (None: the variant's own).
+  c.diffusion.model.width = ml_collections.FieldReference(None, field_type=int)
+  c.diffusion.model.depth = ml_collections.FieldReference(None, field_type=int)
+  c.diffusion.model.num_heads = ml_collections.FieldReference(None, field_type=int)
+  o = c.diffusion.objective = ml_collections.ConfigDict()
+  o.time_dist = "logit_normal"  # 'uniform' | 'logit_normal' (then shifted)
+  o.logit_mean = 0.0
+  o.logit_std = 1.0
+  # Time shift: give `shift` (s >= 1, SD3/RAE form) OR the paper's `timestep_shift` (ts = 1/s).
+  o.shift = ml_collections.FieldReference(None, field_type=float)
+  o.timestep_shift = ml_collections.FieldReference(0.4, field_type=float)
+  o.cos_weight = 1.0  # LightningDiT's cosine-similarity term
+  t = c.diffusion.train = default_train_config()
+  t.num_steps = 2_000_000  # 800 epochs at batch 512; 200k = 80 epochs
+  t.batch_size = 512
+  t.lr = 1e-4
+  t.schedule = "constant"
+  t.warmup_steps = 0
+  t.b1, t.b2 = 0.9, 0.999
+  t.weight_decay = 0.0
+  t.grad_clip = 1.0
+  t.ema_decay = 0.9999
+  t.log_every = 100
+  t.checkpoint_every = 10_000
+  t.milestones = (200_000, 800_000)
+
+  # Stage `evaluate`: samples, grids, FD-DINOv2 and class consistency (PAPER.md: 50K samples,
+  # 250 steps; Euler-Maruyama SDE without guidance, Euler ODE with guidance).
+  e = c.evaluate = ml_collections.ConfigDict()
+  e.generators = ("diffusion",)
+  e.num_samples = 50_000  # per guidance setting, balanced over the classes
+  e.batch_size = 256
+  e.probe_train_examples = 50_000  # real train examples for the class-consistency probe
+  e.probe_steps = 500
+  e.grid_per_class = 8
+  e.grid_upscale = 1
+  e.unguided = ml_collections.ConfigDict()
+  e.unguided.method = "euler_maruyama"
+  e.unguided.num_steps = 250
+  e.unguided.diffusion_coeff = 1.0
+  e.unguided.bands = ()
+  e.guided = ml_collections.ConfigDict()
+  e.guided.method = "euler"
+  e.guided.num_steps = 250
+  e.guided.diffusion_coeff = 1.0
+  # The paper's main schedule (t = 1 is noise): 0.9 on [0.9, 1], 2.5 on [0, 0.7]; the middle
+  # band's scale is not given, we interpolate (1.7). Ablations use guidance.paper_ablation(s).
+  e.guided.bands = guidance.paper_main(1.7)
   return c

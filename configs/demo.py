@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
   args = common.parse_arg(arg, random_encoder=False, tiny=False)
   config = common.base_config()
   config.name = "demo"
-  config.stages = ("convert", "encode", "fae")
+  config.stages = ("convert", "encode", "fae", "pixel")
 
   # Frozen encoder.
   config.encoder.variant = "S/14"
@@ -58,6 +58,34 @@ def get_config(arg: str | None = None):
   config.fae.eval.max_examples = None
   config.fae.eval.probe_train_examples = None
 
+  # Pixel decoder: 8x8 tokens x 4 px patches = 32 px images; the 28 px targets are resized to 32 px
+  # for training and the reconstructions back to 28 px for every metric. Features come from the
+  # `encode` cache (an encoder forward per step would dominate on CPU). No perceptual term: the
+  # DINOv2 feature-matching loss runs the encoder forward and backward at 112 px every step,
+  # ~4x the whole decoder step on 2 CPU cores. No GAN: a few hundred steps are too few for a
+  # discriminator to help, and it costs PSNR. Both are exercised by tests/test_pixel_stage.py.
+  p = config.pixel
+  p.input = "cache"
+  p.model.width, p.model.depth, p.model.num_heads = 192, 4, 4
+  p.model.patch_size = 4
+  p.loss.rec = "l1"
+  p.loss.perceptual = "none"
+  p.loss.gan_weight = 0.0
+  for phase, steps in ((p.noisy, 400), (p.finetune, 200)):
+    phase.gan_start = 0
+    t = phase.train
+    t.num_steps = steps
+    t.batch_size = 64
+    t.lr = 1e-3
+    t.warmup_steps = 40
+    t.ema_decay = 0.999
+    t.ema_warmup = True
+    t.log_every = 50
+    t.checkpoint_every = 200
+  p.eval.batch_size = 100
+  p.eval.max_examples = None
+  p.eval.grid_images = 32
+
   if args.tiny:
     config.data.max_train_examples = 192
     config.data.max_eval_examples = 64
@@ -69,6 +97,15 @@ def get_config(arg: str | None = None):
     config.fae.train.log_every = 5
     config.fae.train.checkpoint_every = 10
     config.fae.eval.batch_size = 32
+    p.model.width, p.model.depth, p.model.num_heads = 32, 1, 2
+    for phase in (p.noisy, p.finetune):
+      phase.train.num_steps = 4
+      phase.train.batch_size = 16
+      phase.train.warmup_steps = 1
+      phase.train.log_every = 1
+      phase.train.checkpoint_every = 2
+    p.eval.batch_size = 32
+    p.eval.grid_images = 8
   return config
 
 

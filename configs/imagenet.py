@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
   args = common.parse_arg(arg, runlocal=False)
   config = common.base_config()
   config.name = "imagenet256"
-  config.stages = ("convert", "encode", "fae")
+  config.stages = ("convert", "encode", "fae", "pixel")
   config.fae.dtype = "bfloat16"
 
   # DINOv2-g/14 without registers; 256 px images resized to 224 px -> 16x16 tokens of 1536.
@@ -35,6 +35,11 @@ def get_config(arg: str | None = None):
   config.encode.batch_size = 1024
   config.encode.examples_per_shard = 10000
 
+  # Pixel decoder ViT-L/16 (256 px out), the encoder run inside the step (it is needed anyway for
+  # the DINOv2 perceptual loss), L1 + DINOv2 feature matching + adaptive-weight PatchGAN.
+  config.pixel.input = "encoder"
+  config.pixel.dtype = "bfloat16"
+
   if args.runlocal:
     config.data.max_train_examples = 256
     config.data.max_eval_examples = 64
@@ -47,6 +52,14 @@ def get_config(arg: str | None = None):
     config.fae.train.checkpoint_every = 10
     config.fae.eval.max_examples = 64
     config.fae.eval.probe_train_examples = 256
+    for phase in (config.pixel.noisy, config.pixel.finetune):
+      phase.gan_start = 5
+      phase.train.num_steps = 10
+      phase.train.batch_size = 16
+      phase.train.warmup_steps = 2
+      phase.train.log_every = 5
+      phase.train.checkpoint_every = 10
+    config.pixel.eval.max_examples = 64
   return config
 
 

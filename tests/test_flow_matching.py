@@ -299,3 +299,10 @@ def test_loss_is_sharding_invariant():
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for k, v in ref_metrics.items():
     np.testing.assert_allclose(metrics[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_cosine_term_gradient_is_finite_at_a_zero_prediction():
+  # A zero-initialised generator predicts exactly 0 at the first step.
+  target = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+  grad = jax.grad(lambda v: objective.cosine_loss(v, target).mean())(jnp.zeros_like(target))
+  assert bool(jnp.isfinite(grad).all())

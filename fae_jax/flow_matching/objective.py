@@ -40,10 +40,14 @@ COS_OVER = ("channels", "sample")
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array, axis: int = -1, eps: float = 1e-8) -> jax.Array:
-  """`a . b / (max(|a|, eps) max(|b|, eps))` along `axis` (torch's `cosine_similarity`)."""
+  """`a . b / (max(|a|, eps) max(|b|, eps))` along `axis` (torch's `cosine_similarity`).
+
+  The norms are `sqrt(max(|a|^2, eps^2))`, so the gradient stays finite at `a = 0` (a zero-init
+  network's output), where the gradient of `|a|` itself is 0/0.
+  """
   dot = jnp.sum(a * b, axis=axis)
-  norm_a = jnp.maximum(jnp.linalg.norm(a, axis=axis), eps)
-  norm_b = jnp.maximum(jnp.linalg.norm(b, axis=axis), eps)
+  norm_a = jnp.sqrt(jnp.maximum(jnp.sum(a * a, axis=axis), eps * eps))
+  norm_b = jnp.sqrt(jnp.maximum(jnp.sum(b * b, axis=axis), eps * eps))
   return dot / (norm_a * norm_b)
 
 

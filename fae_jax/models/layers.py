@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,12 +162,75 @@ class SwiGLU(nn.Module):
     )
 
 
+@flax.struct.dataclass
+class KVCache:
+  """Static-shape key/value cache of one attention layer, for token-by-token decoding.
+
+  Keys (RoPE and QK-norm already applied) and values of the positions decoded so far are
+  written at `[index, index + n)` by each cached call; the arrays never change shape, so a
+  decode step traces once and runs inside `lax.fori_loop` / `lax.scan`.
+
+  Attributes:
+    key, value: `[B, L, H, Dh]`, L the maximum sequence length.
+    index: int32 scalar, the number of positions written (the next write position).
+  """
+
+  key: jax.Array
+  value: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(
+    cls, batch: int, length: int, num_heads: int, head_dim: int, dtype: Dtype = jnp.float32
+  ) -> KVCache:
+    shape = (batch, length, num_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+  @property
+  def max_length(self) -> int:
+    return self.key.shape[1]
+
+
+def _cached_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, *, is_causal: bool
+) -> tuple[jax.Array, KVCache]:
+  """Writes `k, v: [B, n, H, Dh]` at `cache.index` and attends `q` to every written position.
+
+  With `is_causal`, new token j (absolute position `index + j`) sees positions `<= index + j`;
+  otherwise it sees all positions `< index + n`. Unwritten slots are masked out, so the result
+  equals full-sequence attention restricted to the same keys.
+  """
+  n = q.shape[1]
+  start = cache.index
+  zero = jnp.zeros((), jnp.int32)
+  key = jax.lax.dynamic_update_slice(
+    cache.key, k.astype(cache.key.dtype), (zero, start, zero, zero)
+  )
+  value = jax.lax.dynamic_update_slice(
+    cache.value, v.astype(cache.value.dtype), (zero, start, zero, zero)
+  )
+  key_pos = jnp.arange(cache.max_length)[None, :]
+  if is_causal:
+    visible = key_pos <= start + jnp.arange(n)[:, None]  # [n, L]
+  else:
+    visible = jnp.broadcast_to(key_pos < start + n, (n, cache.max_length))
+  out = jax.nn.dot_product_attention(
+    q, key.astype(q.dtype), value.astype(q.dtype), mask=visible[None, None]
+  )
+  return out, KVCache(key, value, start + n)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused `qkv` projection.
 
   Options: head_dim independent of the width (the FAE adapter uses 24 x 256 on a 1536 input),
   QK-norm (RMSNorm per head), 2-D RoPE (tables passed at call time), an additive or boolean
   mask, causal masking.
+
+  Decoding: with `cache` (a `KVCache`), `x: [B, n, D]` holds the n NEW tokens, `rope` their
+  tables (`[n, Dh // 2]`, absolute positions `cache.index ...`), and the call returns
+  `(out, new_cache)`; `mask` must be None (causality comes from `is_causal` and the cache index).
+  Without `cache` the call is unchanged and returns `out` alone.
   """
 
   num_heads: int
@@ -185,7 +249,8 @@ class Attention(nn.Module):
     rope: tuple[jax.Array, jax.Array] | None = None,
     mask: jax.Array | None = None,
     is_causal: bool = False,
-  ) -> jax.Array:
+    cache: KVCache | None = None,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
     b, n, d = x.shape
     head_dim = self.head_dim or d // self.num_heads
     inner = self.num_heads * head_dim
@@ -203,11 +268,17 @@ class Attention(nn.Module):
     if rope is not None:
       q = apply_rope(q, *rope)
       k = apply_rope(k, *rope)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    if cache is None:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    else:
+      if mask is not None:
+        raise ValueError("Attention: `mask` is not supported together with a KV `cache`.")
+      out, cache = _cached_attention(q, k, v, cache, is_causal=is_causal)
     out = out.reshape(b, n, inner)
-    return nn.Dense(
+    out = nn.Dense(
       self.out_dim or d, dtype=self.dtype, kernel_init=default_kernel_init, name="proj"
     )(out)
+    return out if cache is None else (out, cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +306,10 @@ class BlockConfig:
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: `x + ls1(attn(norm1(x)))`, then `x + ls2(mlp(norm2(x)))`."""
+  """Pre-norm transformer block: `x + ls1(attn(norm1(x)))`, then `x + ls2(mlp(norm2(x)))`.
+
+  With a `KVCache` (see `Attention`), returns `(x, new_cache)` for the new tokens `x`.
+  """
 
   config: BlockConfig
   dtype: Dtype = jnp.float32
@@ -248,7 +322,8 @@ class Block(nn.Module):
     rope: tuple[jax.Array, jax.Array] | None = None,
     mask: jax.Array | None = None,
     is_causal: bool = False,
-  ) -> jax.Array:
+    cache: KVCache | None = None,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
     c = self.config
     if c.ffn not in ("mlp", "swiglu"):
       raise ValueError(f"Unknown ffn {c.ffn!r}; choose 'mlp' or 'swiglu'.")
@@ -261,7 +336,9 @@ class Block(nn.Module):
       norm_eps=c.norm_eps,
       dtype=self.dtype,
       name="attn",
-    )(h, rope=rope, mask=mask, is_causal=is_causal)
+    )(h, rope=rope, mask=mask, is_causal=is_causal, cache=cache)
+    if cache is not None:
+      h, cache = h
     if c.layerscale is not None:
       h = LayerScale(c.layerscale, name="ls1")(h)
     x = x + h
@@ -272,4 +349,4 @@ class Block(nn.Module):
       h = Mlp(c.hidden_dim(), activation=c.activation, dtype=self.dtype, name="mlp")(h)
     if c.layerscale is not None:
       h = LayerScale(c.layerscale, name="ls2")(h)
-    return x + h
+    return x + h if cache is None else (x + h, cache)

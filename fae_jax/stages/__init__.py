@@ -9,13 +9,17 @@ Adding a stage = one module here plus one line in `STAGES` below.
 
 from __future__ import annotations
 
-from fae_jax.stages import convert, encode, fae
+from fae_jax.stages import convert, diffusion, encode, evaluate, fae, latents, pixel
 from fae_jax.stages.context import StageContext
 
 STAGES = {
   convert.NAME: convert,
   encode.NAME: encode,
   fae.NAME: fae,
+  pixel.NAME: pixel,
+  latents.NAME: latents,
+  diffusion.NAME: diffusion,
+  evaluate.NAME: evaluate,
 }
 
 __all__ = ["STAGES", "StageContext"]

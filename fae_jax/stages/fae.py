@@ -301,20 +301,8 @@ def run(ctx: StageContext) -> dict:
       "export": str(export_dir),
     }
   )
-  results.update(_loss_curve(ctx))
+  results.update(loop.logged_loss_curve(ctx.stage_dir(NAME)))
   if jax.process_index() == 0:
     write_json_atomic(ctx.stage_dir(NAME) / RESULTS, results)
   logging.info("fae results: %s", json.dumps(results, sort_keys=True))
   return results
-
-
-def _loss_curve(ctx: StageContext) -> dict[str, float]:
-  """First and last logged train losses (from the TensorBoard-free JSON log, when present)."""
-  path = ctx.stage_dir(NAME) / "train_log.jsonl"
-  if not path.exists():
-    return {}
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  losses = [r["train/loss"] for r in rows if "train/loss" in r]
-  if not losses:
-    return {}
-  return {"train_loss_first": float(losses[0]), "train_loss_last": float(losses[-1])}

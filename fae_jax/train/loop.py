@@ -266,6 +266,18 @@ def make_train_step(
   )
 
 
+def logged_loss_curve(stage_dir: epath.PathLike, key: str = "train/loss") -> dict[str, float]:
+  """First and last logged values of `key` from `<stage_dir>/train_log.jsonl` ({} if none)."""
+  path = epath.Path(stage_dir) / "train_log.jsonl"
+  if not path.exists():
+    return {}
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  values = [r[key] for r in rows if key in r]
+  if not values:
+    return {}
+  return {"train_loss_first": float(values[0]), "train_loss_last": float(values[-1])}
+
+
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends scalars as JSON lines to `<stage>/train_log.jsonl`: a log that needs no TensorBoard
   to read, from which stages and sweeps summarise loss curves."""

@@ -1,0 +1,298 @@
+"""Stage `evaluate`: class-conditional samples from the trained generators, decoded and scored.
+
+For each generator in `config.evaluate.generators` and each guidance setting (`unguided`: the
+sampler of `config.evaluate.unguided`, no guidance; `guided`: the sampler and bands of
+`config.evaluate.guided`), it draws `num_samples` latents with balanced labels, un-normalises
+them, decodes them to images (FAE feature decoder -> pixel decoder, `fae_jax.autoencoder`),
+writes a PNG grid (one row per class) and computes:
+
+  * FD-DINOv2: the Frechet distance between the frozen encoder's mean-pooled patch features of
+    the generated images and of the held-out real split (`fae_jax.evaluation.frechet`; square
+    roots by symmetric eigendecomposition in float64). The real-vs-real floor compares the
+    train split with the held-out split at the same sample count; a freshly initialised
+    generator gives the untrained reference.
+  * Class consistency: a linear probe trained on real train-split features classifies the
+    generated images; its accuracy against the conditioning labels (chance = 1 / classes).
+
+Real features come from the `encode` stage's caches when present (bfloat16), otherwise the
+frozen encoder runs on the images. Results go to `eval/metrics.json`, the grids to
+`eval/<generator>_<setting>.png` (and TensorBoard), and report.json gets `real.*` and
+`<generator>.*` keys. Complete when `eval/metrics.json` exists.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from fae_jax import report as report_lib
+from fae_jax import sharding
+from fae_jax.autoencoder import Autoencoder
+from fae_jax.data import sources
+from fae_jax.evaluation import frechet, grids, linear_probe
+from fae_jax.flow_matching import sampler
+from fae_jax.models import dit as dit_model
+from fae_jax.stages import diffusion as diffusion_stage
+from fae_jax.stages import encode
+from fae_jax.stages import fae as fae_stage
+from fae_jax.stages.context import StageContext
+
+NAME = "evaluate"
+OUTPUT = "eval"
+METRICS = "metrics.json"
+
+# A generator for evaluation: `(rng, labels [B]) -> normalised latents [B, h, w, c]` given its
+# guidance setting, plus the latent statistics to undo the normalisation.
+SampleFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def is_complete(ctx: StageContext) -> bool:
+  return (ctx.workdir / OUTPUT / METRICS).exists()
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
+  """`num_samples` labels, each class equally often (class-major order, for row-per-class grids)."""
+  if num_samples % num_classes:
+    raise ValueError(
+      f"config.evaluate.num_samples={num_samples} is not a multiple of the {num_classes} classes."
+    )
+  return np.repeat(np.arange(num_classes, dtype=np.int32), num_samples // num_classes)
+
+
+def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  ev = config.evaluate
+  out = {}
+  for name in ("unguided", "guided"):
+    s = ev[name]
+    out[name] = {
+      "method": s.method,
+      "num_steps": int(s.num_steps),
+      "bands": tuple(tuple(float(v) for v in band) for band in s.bands),
+      "diffusion_coeff": float(s.get("diffusion_coeff", 1.0)),
+    }
+  return out
+
+
+def make_diffusion_sampler(
+  model: dit_model.Dit, params: Any, *, shift: float, setting: dict[str, Any], mesh
+) -> SampleFn:
+  """Jitted, batch-sharded sampling of normalised latents with the DiT."""
+  null = model.config.null_class
+  shape = (model.config.input_size, model.config.input_size, model.config.in_channels)
+
+  def fn(params, rng, labels):
+    k_noise, k_sde = jax.random.split(rng)
+    x1 = jax.random.normal(k_noise, (labels.shape[0], *shape), jnp.float32)
+
+    def velocity(x, t, y):
+      return model.apply({"params": params}, x, t, y, train=False)
+
+    return sampler.sample(
+      velocity,
+      x1,
+      labels,
+      method=setting["method"],
+      num_steps=setting["num_steps"],
+      shift=shift,
+      guidance_bands=setting["bands"],
+      null_label=null,
+      rng=k_sde,
+      diffusion_coeff=setting["diffusion_coeff"],
+    )
+
+  batch = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  jitted = jax.jit(fn, in_shardings=(rep, rep, batch), out_shardings=batch)
+  params = jax.device_put(params, rep)
+  return lambda rng, labels: jitted(params, rng, labels)
+
+
+def generate_images(
+  sample_fn: SampleFn,
+  ae: Autoencoder,
+  stats: dict[str, np.ndarray],
+  labels: np.ndarray,
+  rng: jax.Array,
+  batch_size: int,
+) -> np.ndarray:
+  """Samples, un-normalises and decodes; uint8 `[N, H, W, 3]` in the order of `labels`."""
+  out = []
+  for i in range(0, len(labels), batch_size):
+    y = labels[i : i + batch_size]
+    n = len(y)
+    if n < batch_size:  # one compiled shape
+      y = np.concatenate([y, np.zeros(batch_size - n, np.int32)])
+    z = sample_fn(jax.random.fold_in(rng, i), jnp.asarray(y))
+    z = np.asarray(z) * stats["std"] + stats["mean"]
+    out.append(np.asarray(ae.decode(z))[:n])
+  return np.concatenate(out)
+
+
+def pooled_features(ae: Autoencoder, images: np.ndarray, batch_size: int) -> np.ndarray:
+  feats = []
+  for i in range(0, len(images), batch_size):
+    x = images[i : i + batch_size]
+    n = len(x)
+    if n < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
+    feats.append(np.asarray(linear_probe.pool_tokens(ae.features(x)))[:n])
+  return np.concatenate(feats)
+
+
+def real_pooled_features(
+  ctx: StageContext, ae: Autoencoder, split_key: str, max_examples: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Pooled features and labels of real images (the feature cache when it is there)."""
+  from fae_jax.stages.fae import feature_batches
+
+  xs, ys = [], []
+  cache_ok = encode.cache_dir(ctx.upstream, split_key)
+  use_cache = ctx.config.fae.input == "cache" and (cache_ok / "manifest.json").exists()
+  if use_cache:
+    encoder = (None, ae.spec, _encoder_meta(ctx))
+    for x, y in feature_batches(
+      ctx, split_key, max_examples=max_examples, batch_size=batch_size, encoder=encoder
+    ):
+      xs.append(np.asarray(linear_probe.pool_tokens(x)))
+      ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+  split = encode.split_name(ctx.config, split_key)
+  source = sources.make_source(ctx.config.data, split)
+  n = min(len(source), max_examples)
+  from fae_jax.data import pipeline
+
+  ds = pipeline.make_ordered_dataset(
+    ctx.config.data,
+    split,
+    batch_size=batch_size,
+    end_index=n,
+    process_index=0,
+    process_count=1,
+    source=source,
+  )
+  for batch in ds:
+    keep = batch["valid"].astype(bool)
+    xs.append(pooled_features(ae, batch["image"][keep], batch_size))
+    ys.append(batch["label"][keep])
+  return np.concatenate(xs), np.concatenate(ys)
+
+
+def _encoder_meta(ctx: StageContext) -> dict[str, Any]:
+  from fae_jax import encoder_checkpoint
+
+  return encoder_checkpoint.load_metadata(ctx.encoder_dir)
+
+
+def fd(a: np.ndarray, b: np.ndarray) -> float:
+  return float(
+    frechet.frechet_distance(
+      frechet.FeatureStats.from_features(a), frechet.FeatureStats.from_features(b)
+    )
+  )
+
+
+def diffusion_generators(ctx: StageContext) -> dict[str, tuple[Any, Any, dict[str, np.ndarray]]]:
+  """`{"trained": (model, params, stats), "untrained": (...)}` for the DiT."""
+  params, mcfg, meta = diffusion_stage.load_export(ctx.workdir)
+  model = dit_model.Dit(mcfg, dtype=jnp.dtype(ctx.config.diffusion.dtype))
+  stats = {k: np.asarray(v, np.float32) for k, v in meta["latent_stats"].items()}
+  x0 = jnp.zeros((1, mcfg.input_size, mcfg.input_size, mcfg.in_channels))
+  fresh = jax.jit(
+    lambda k: model.init(k, x0, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), train=False)
+  )(jax.random.key(ctx.config.seed + 1))["params"]
+  return {"trained": (model, params, stats, meta), "untrained": (model, fresh, stats, meta)}
+
+
+def run(ctx: StageContext) -> dict:
+  config = ctx.config
+  ev = config.evaluate
+  out_dir = ctx.workdir / OUTPUT
+  out_dir.mkdir(parents=True, exist_ok=True)
+  ae = Autoencoder.load(
+    ctx.workdir,
+    encoder_dir=ctx.encoder_dir,
+    fae_dir=ctx.stage_dir(fae_stage.NAME) / fae_stage.EXPORT,
+  )
+  num_classes = sources.num_classes(config.data)
+  n = int(ev.num_samples)
+  bs = int(ev.batch_size)
+  sharding.check_batch_divisible(bs, ctx.mesh, "config.evaluate.batch_size")
+
+  logging.info("evaluate: real features (held-out split and the train-split floor)")
+  real_eval, _ = real_pooled_features(ctx, ae, "eval", n, bs)
+  real_train, real_train_y = real_pooled_features(
+    ctx, ae, "train", max(n, int(ev.probe_train_examples)), bs
+  )
+  floor = fd(real_train[:n], real_eval[:n])
+  probe = linear_probe.train_linear_probe(
+    real_train, real_train_y, num_classes, steps=int(ev.probe_steps), seed=config.seed
+  )
+  metrics: dict[str, Any] = {
+    "real": {
+      "fd_dinov2_floor": floor,
+      "num_samples": int(min(n, len(real_eval))),
+      "probe_train_examples": int(len(real_train_y)),
+    }
+  }
+  writer = metric_writers.create_default_writer(str(out_dir), just_logging=jax.process_index() > 0)
+  labels = balanced_labels(n, num_classes)
+  settings = sampler_settings(config)
+  rng = jax.random.key(config.seed)
+  for generator in ev.generators:
+    if generator != "diffusion":
+      raise ValueError(f"config.evaluate.generators: unknown generator {generator!r}.")
+    gens = diffusion_generators(ctx)
+    res: dict[str, Any] = {}
+    shift = float(gens["trained"][3]["time_shift"])
+    runs = [("trained", name) for name in settings] + [("untrained", "unguided")]
+    for which, name in runs:
+      model, params, stats, _ = gens[which]
+      sample_fn = make_diffusion_sampler(
+        model, params, shift=shift, setting=settings[name], mesh=ctx.mesh
+      )
+      logging.info("evaluate: %s %s %s samples (%s)", n, generator, which, name)
+      images = generate_images(sample_fn, ae, stats, labels, jax.random.fold_in(rng, 7), bs)
+      feats = pooled_features(ae, images, bs)
+      if not np.isfinite(feats).all():
+        raise FloatingPointError(f"{generator} {which} {name}: non-finite generated features.")
+      fd_value = fd(feats, real_eval[:n])
+      if which == "untrained":
+        res["fd_dinov2_untrained"] = fd_value
+        continue
+      acc = linear_probe.probe_accuracy(probe, feats, labels)
+      res[f"fd_dinov2_{name}"] = fd_value
+      res[f"class_consistency_{name}"] = float(acc)
+      per_class = int(ev.grid_per_class)
+      pick = np.concatenate([np.nonzero(labels == c)[0][:per_class] for c in range(num_classes)])
+      grid = grids.make_grid(
+        grids.upscale_nearest(images[pick], int(ev.grid_upscale)), cols=per_class
+      )
+      path = out_dir / f"{generator}_{name}.png"
+      grids.save_png(path, grid)
+      grids.write_grid_to_tensorboard(writer, 0, f"{generator}/{name}", grid)
+      res[f"grid_png_{name}"] = str(path)
+    res["grid_png"] = res.get("grid_png_guided", res.get("grid_png_unguided"))
+    res["chance_accuracy"] = 1.0 / num_classes
+    res["samplers"] = {
+      k: {**v, "bands": [list(b) for b in v["bands"]]} for k, v in settings.items()
+    }
+    metrics[generator] = res
+  writer.close()
+  if jax.process_index() == 0:
+    report_lib.write_json_atomic(out_dir / METRICS, metrics)
+    for section, values in metrics.items():
+      report_lib.update_report(ctx.workdir, section, values)
+  logging.info("evaluate: %s", json.dumps(metrics, indent=2, default=str))
+  summary = {"metrics": str(out_dir / METRICS)}
+  for generator in ev.generators:
+    for key in ("fd_dinov2_guided", "class_consistency_guided"):
+      summary[f"{generator}.{key}"] = metrics[generator].get(key)
+  return summary

@@ -1,0 +1,166 @@
+"""Stage `latents`: the frozen encoder + FAE adapter over the training split -> `latents/train/`.
+
+For every image AND its horizontal flip (`config.latents.flip`, default on; the flip is encoded
+by the frozen encoder, since the features of a flipped image are not the flipped features) the
+cache holds the posterior mean and
+standard deviation, bfloat16 `[h, w, c]` each (DESIGN.md, "Latent cache"). Generators sample
+`z = mean + std * eps` per step, picking the flip with probability 1/2, and train on per-channel
+normalised latents; `stats.json` holds those per-channel statistics:
+
+  mean_c = E[mean]                     (over images, flips and positions)
+  std_c  = sqrt(Var[mean] + E[std^2])  (the standard deviation of sampled z)
+
+Resumable at shard granularity (it reuses the `encode` stage's cache writer); complete when the
+cache manifest and `stats.json` exist.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+
+from fae_jax.data import array_cache
+from fae_jax.models import fae as fae_model
+from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
+from fae_jax.report import write_json_atomic
+from fae_jax.stages import encode
+from fae_jax.stages import fae as fae_stage
+from fae_jax.stages.context import StageContext
+
+NAME = "latents"
+STATS = "stats.json"
+FIELDS = ("mean", "std", "mean_flip", "std_flip")
+
+
+def cache_dir(workdir: epath.Path, split_key: str = "train") -> epath.Path:
+  return epath.Path(workdir) / NAME / split_key
+
+
+def is_complete(ctx: StageContext) -> bool:
+  return array_cache.is_complete(cache_dir(ctx.workdir)) and (ctx.stage_dir(NAME) / STATS).exists()
+
+
+def make_posterior_fn(
+  spec: EncoderSpec, fcfg: fae_model.FaeConfig, dtype, flip: bool = True
+) -> Any:
+  """`((encoder params, FAE params), uint8 images) -> {mean, std[, mean_flip, std_flip]}`."""
+  model = fae_model.Fae(fcfg, dtype=dtype)
+
+  def posterior(params, images):
+    enc_params, fae_params = params
+    x = encode_images(spec, enc_params, images_to_model_range(images), dtype=dtype)
+    mean, logvar = model.apply({"params": fae_params}, x, method=fae_model.Fae.encode)
+    return mean, fae_model.std(logvar)
+
+  def fn(params, images):
+    mean, std = posterior(params, images)
+    out = {"mean": mean, "std": std}
+    if flip:
+      out["mean_flip"], out["std_flip"] = posterior(params, images[:, :, ::-1])
+    return {k: v.astype(jnp.bfloat16) for k, v in out.items()}
+
+  return fn
+
+
+def channel_stats(source: Any, batch_size: int = 256) -> dict[str, list[float]]:
+  """Per-channel mean and std of sampled latents over the cache (flips included), in float64."""
+  n = 0
+  s1 = s2 = var_sum = None
+  for batch in grain.MapDataset.source(source).to_iter_dataset().batch(batch_size):
+    keep = batch["valid"].astype(bool)
+    pairs = (
+      [("mean", "std"), ("mean_flip", "std_flip")] if "mean_flip" in batch else [("mean", "std")]
+    )
+    for m_key, s_key in pairs:
+      m = batch[m_key][keep].astype(np.float64)
+      s = batch[s_key][keep].astype(np.float64)
+      m = m.reshape(-1, m.shape[-1])
+      s = s.reshape(-1, s.shape[-1])
+      if s1 is None:
+        s1 = np.zeros(m.shape[-1])
+        s2 = np.zeros(m.shape[-1])
+        var_sum = np.zeros(m.shape[-1])
+      s1 += m.sum(0)
+      s2 += (m**2).sum(0)
+      var_sum += (s**2).sum(0)
+      n += m.shape[0]
+  if not n:
+    raise ValueError("The latent cache holds no valid example.")
+  mean = s1 / n
+  var = s2 / n - mean**2 + var_sum / n
+  return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 1e-12)).tolist(), "count": n}
+
+
+def load_stats(workdir: epath.Path) -> dict[str, np.ndarray]:
+  path = epath.Path(workdir) / NAME / STATS
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing: run the `latents` stage first.")
+  stats = json.loads(path.read_text())
+  return {k: np.asarray(stats[k], np.float32) for k in ("mean", "std")}
+
+
+def latent_source(ctx: StageContext) -> array_cache.CacheSource:
+  directory = cache_dir(ctx.workdir)
+  if not array_cache.is_complete(directory):
+    raise FileNotFoundError(
+      f"The latent cache {directory} is missing or incomplete: run the `latents` stage first."
+    )
+  return array_cache.CacheSource(directory, stage=NAME)
+
+
+def run(ctx: StageContext) -> dict:
+  enc_params, spec, enc_meta = encode.load_frozen_encoder(ctx)
+  fae_params, fcfg, fae_meta = fae_stage.load_export(ctx.stage_dir(fae_stage.NAME) / "export")
+  if fae_meta.get("encoder_fingerprint") != enc_meta["fingerprint"]:
+    raise ValueError(
+      "The exported FAE was trained on another encoder's features "
+      f"({fae_meta.get('encoder_fingerprint')} vs {enc_meta['fingerprint']}); retrain the "
+      "`fae` stage or use the matching workdir."
+    )
+  dtype = jnp.dtype(ctx.config.encoder.dtype)
+  h, w = fcfg.grid
+  shape = ((h, w, fcfg.latent_dim), "bfloat16")
+  flip = bool(ctx.config.latents.flip)
+  fields = FIELDS if flip else FIELDS[:2]
+  metadata = {
+    "encoder_fingerprint": enc_meta["fingerprint"],
+    "fae_step": int(fae_meta["step"]),
+    "fae_weights": fae_meta["weights"],
+    "dataset": ctx.config.data.name,
+    "split": encode.split_name(ctx.config, "train"),
+    "data_image_size": ctx.config.data.image_size,
+    "flip": flip,
+  }
+  result = encode.write_image_cache(
+    ctx.config,
+    cache_dir(ctx.workdir),
+    "train",
+    spec={k: shape for k in fields},
+    metadata=metadata,
+    compute_fn=make_posterior_fn(spec, fcfg, dtype, flip=flip),
+    params=(enc_params, fae_params),
+    what=NAME,
+  )
+  stats = channel_stats(latent_source(ctx))
+  if jax.process_index() == 0:
+    write_json_atomic(ctx.stage_dir(NAME) / STATS, stats)
+  logging.info(
+    "latents: per-channel mean %s, std %s",
+    np.round(stats["mean"], 3).tolist(),
+    np.round(stats["std"], 3).tolist(),
+  )
+  return {
+    "num_examples": int(result["num_examples"]),
+    "images_per_second": float(result["rate"]),
+    "latent_shape": [h, w, fcfg.latent_dim],
+    "channel_std_mean": float(np.mean(stats["std"])),
+    "channel_mean_abs": float(np.mean(np.abs(stats["mean"]))),
+    "dir": str(cache_dir(ctx.workdir)),
+  }

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from configs import demo
+from configs import demo, imagenet
 from fae_jax import main
 from fae_jax.data import array_cache
 from fae_jax.models.dinov2 import Dinov2Config
@@ -27,6 +27,7 @@ def tiny_config():
   config.encoder.image_size = 28  # 2 x 2 tokens
   config.encode.examples_per_shard = 16
   config.encode.batch_size = 16
+  config.latents.flip = True  # exercise the image path with flips (the demo turns flips off)
   m = config.fae.model
   m.latent_dim = 4
   m.adapter_heads, m.adapter_head_dim = 2, 16
@@ -35,6 +36,7 @@ def tiny_config():
   config.fae.eval.batch_size, config.fae.eval.probe_steps = 8, 10
   config.pixel.model.patch_size = 14  # 2 x 2 tokens x 14 px = 28 px
   dm = config.diffusion.model
+  config.diffusion.objective.timestep_shift = 0.4  # the paper's value: s = 2.5
   dm.variant = "S/1"
   dm.width, dm.depth, dm.num_heads = 32, 1, 2
   t = config.diffusion.train
@@ -102,7 +104,7 @@ def test_balanced_labels_and_sampler_settings():
 
 
 def test_time_shift_accepts_one_form_only():
-  config = demo.get_config()
+  config = imagenet.get_config()
   assert diffusion.time_shift(config) == pytest.approx(2.5)
   config.diffusion.objective.timestep_shift = None
   config.diffusion.objective.shift = 3.0
@@ -110,3 +112,29 @@ def test_time_shift_accepts_one_form_only():
   config.diffusion.objective.timestep_shift = 0.5
   with pytest.raises(ValueError):
     diffusion.time_shift(config)
+
+
+def test_latents_from_feature_cache_match_the_image_path(tmp_path, small_encoder):
+  config = tiny_config()
+  config.latents.flip = False  # then the cached features are reused, no encoder pass
+  config.stages = ("convert", "encode", "fae", "latents")
+  main.run_stages(config, epath.Path(tmp_path))
+  src = array_cache.CacheSource(latents.cache_dir(tmp_path))
+  assert src.metadata["source"] == "feature_cache" and "mean_flip" not in src.spec
+  # The same posteriors from the images (float32 features, not the bfloat16 cache).
+  import jax.numpy as jnp
+
+  from fae_jax.data import sources
+  from fae_jax.stages import encode
+  from fae_jax.stages import fae as fae_stage
+
+  enc_params, spec, _ = encode.load_frozen_encoder(
+    type("Ctx", (), {"encoder_dir": tmp_path / "encoder", "config": config})()
+  )
+  fae_params, fcfg, _ = fae_stage.load_export(tmp_path / "fae" / "export")
+  images = np.stack([sources.make_source(config.data, "train")[i]["image"] for i in range(8)])
+  fn = latents.make_posterior_fn(spec, fcfg, jnp.float32, flip=False)
+  want = np.asarray(fn((enc_params, fae_params), images)["mean"], np.float32)
+  got = np.stack([src[i]["mean"] for i in range(8)]).astype(np.float32)
+  np.testing.assert_allclose(got, want, atol=0.05, rtol=0.05)
+  np.testing.assert_array_equal([src[i]["id"] for i in range(8)], np.arange(8))

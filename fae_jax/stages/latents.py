@@ -17,6 +17,7 @@ cache manifest and `stats.json` exist.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import grain
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from fae_jax.data import array_cache
 from fae_jax.models import fae as fae_model
@@ -67,6 +69,64 @@ def make_posterior_fn(
     return {k: v.astype(jnp.bfloat16) for k, v in out.items()}
 
   return fn
+
+
+def write_from_feature_cache(
+  ctx: StageContext,
+  features: array_cache.CacheSource,
+  fcfg: fae_model.FaeConfig,
+  fae_params: Any,
+  metadata: dict[str, Any],
+) -> dict[str, Any]:
+  """Posteriors of the cached (bfloat16) features of the `encode` stage: no encoder pass.
+
+  Used when flips are off and the train feature cache exists; shard layout and resume behaviour
+  are those of the cache writer (shard i of the latents = shard i of the features).
+  """
+  model = fae_model.Fae(fcfg, dtype=jnp.dtype(ctx.config.fae.dtype))
+
+  @jax.jit
+  def posterior(params, x):
+    mean, logvar = model.apply({"params": params}, x, method=fae_model.Fae.encode)
+    return mean.astype(jnp.bfloat16), fae_model.std(logvar).astype(jnp.bfloat16)
+
+  h, w = fcfg.grid
+  shape = ((h, w, fcfg.latent_dim), "bfloat16")
+  spec = {"mean": shape, "std": shape, "label": ((), "int32"), "id": ((), "int64")}
+  spec["valid"] = ((), "uint8")
+  writer = array_cache.CacheWriter(
+    cache_dir(ctx.workdir),
+    spec,
+    len(features),
+    int(features.manifest["examples_per_shard"]),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    metadata=metadata,
+    stage=NAME,
+  )
+  bs = int(ctx.config.encode.batch_size)
+  done = 0
+  for shard in writer.pending_shards():
+    start, end = writer.shard_range(shard)
+    with writer.open_shard(shard) as out:
+      for i in range(start, end, bs):
+        recs = features.__getitems__(list(range(i, min(i + bs, end))))
+        x = np.stack([r["features"] for r in recs]).astype(np.float32)
+        n = len(recs)
+        if n < bs:  # one compiled shape
+          x = np.concatenate([x, np.zeros((bs - n, *x.shape[1:]), x.dtype)])
+        mean, std = (np.asarray(a)[:n] for a in posterior(fae_params, x))
+        out.write(
+          {
+            "mean": mean,
+            "std": std,
+            **{k: np.stack([r[k] for r in recs]) for k in ("label", "id", "valid")},
+          }
+        )
+        done += n
+  multihost_utils.sync_global_devices("fae_jax:latents:train")
+  writer.finalize()
+  return {"num_examples": len(features), "encoded": done}
 
 
 def channel_stats(source: Any, batch_size: int = 256) -> dict[str, list[float]]:
@@ -138,16 +198,27 @@ def run(ctx: StageContext) -> dict:
     "data_image_size": ctx.config.data.image_size,
     "flip": flip,
   }
-  result = encode.write_image_cache(
-    ctx.config,
-    cache_dir(ctx.workdir),
-    "train",
-    spec={k: shape for k in fields},
-    metadata=metadata,
-    compute_fn=make_posterior_fn(spec, fcfg, dtype, flip=flip),
-    params=(enc_params, fae_params),
-    what=NAME,
-  )
+  features_dir = encode.cache_dir(ctx.upstream, "train")
+  if not flip and array_cache.is_complete(features_dir):
+    features = array_cache.CacheSource(
+      features_dir, expected_metadata=encode.cache_metadata(ctx.config, enc_meta, "train")
+    )
+    logging.info("latents: from the cached features in %s (no encoder pass)", features_dir)
+    metadata["source"] = "feature_cache"
+    t0 = time.time()
+    result = write_from_feature_cache(ctx, features, fcfg, fae_params, metadata)
+    result["rate"] = result["encoded"] / max(time.time() - t0, 1e-9)
+  else:
+    result = encode.write_image_cache(
+      ctx.config,
+      cache_dir(ctx.workdir),
+      "train",
+      spec={k: shape for k in fields},
+      metadata=metadata,
+      compute_fn=make_posterior_fn(spec, fcfg, dtype, flip=flip),
+      params=(enc_params, fae_params),
+      what=NAME,
+    )
   stats = channel_stats(latent_source(ctx))
   if jax.process_index() == 0:
     write_json_atomic(ctx.stage_dir(NAME) / STATS, stats)

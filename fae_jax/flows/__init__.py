@@ -1,0 +1,1 @@
+"""Normalizing-flow generator: the TarFlow objective and sampler (model: `models/tarflow.py`)."""

@@ -51,6 +51,7 @@ def get_config(arg: str | None = None):
   t.lr = 1e-3
   t.warmup_steps = 100
   t.ema_decay = 0.999
+  t.ema_warmup = True  # decay min(0.999, (1+t)/(10+t)): 500 steps are too few for a plain 0.999
   t.log_every = 100
   t.eval_every = 0
   t.checkpoint_every = 500
@@ -83,7 +84,6 @@ def get_config(arg: str | None = None):
     t.log_every = 50
     t.checkpoint_every = 200
   p.eval.batch_size = 100
-  p.eval.max_examples = None
   p.eval.grid_images = 32
 
   # Latents without the flipped copies: halves the stage on CPU (Fashion-MNIST garments are

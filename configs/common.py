@@ -249,4 +249,51 @@ def base_config() -> ml_collections.ConfigDict:
   # The paper's main schedule (t = 1 is noise): 0.9 on [0.9, 1], 2.5 on [0, 0.7]; the middle
   # band's scale is not given, we interpolate (1.7). Ablations use guidance.paper_ablation(s).
   e.guided.bands = guidance.paper_main(1.7)
+
+  # Stage `flow`: a TarFlow/STARFlow normalizing flow on the latents (fae_jax.models.tarflow;
+  # input_size, in_channels and num_classes come from the latents and the dataset). Defaults:
+  # STARFlow's class-conditional ImageNet "1.4B" layout (deep 18 + 5 x 2 shallow layers, width
+  # 2048, patch 1), training noise 0.3. Evaluate it with `evaluate.generators += ("flow",)`.
+  c.flow = ml_collections.ConfigDict()
+  c.flow.dtype = "float32"  # compute dtype ('float32' | 'bfloat16'); params stay float32
+  m = c.flow.model = ml_collections.ConfigDict()
+  m.patch_size = 1
+  m.width = 2048
+  m.deep_depth = 18
+  m.shallow_depth = 2
+  m.num_shallow = 5
+  m.num_heads = 32
+  m.ffn = "mlp"
+  m.norm = "layernorm"
+  m.mlp_ratio = 4.0
+  m.class_dropout = 0.1
+  m.noise_sigma = 0.3  # Gaussian augmentation of the (normalised) latents; the denoise step size
+  m.scale_param = "softplus"
+  m.soft_clip = 4.0
+  m.norm_eps = 1e-6
+  m.rope_theta = 10000.0
+  m.remat = False
+  # AdamW at lr 1e-4 (STARFlow's rate); betas (0.9, 0.95), decoupled weight decay 1e-4 on the
+  # kernels, batch 512 (as the diffusion stage), cosine decay after 1k warmup steps and the
+  # length (~400 epochs of 1.28M images) are our choices.
+  t = c.flow.train = default_train_config()
+  t.num_steps = 1_000_000
+  t.batch_size = 512
+  t.lr = 1e-4
+  t.schedule = "cosine"
+  t.warmup_steps = 1000
+  t.b1, t.b2 = 0.9, 0.95
+  t.weight_decay = 1e-4
+  t.grad_clip = 1.0
+  t.ema_decay = 0.9999
+  t.log_every = 100
+  t.checkpoint_every = 10_000
+  # Sampling in `evaluate`: `unguided` uses guidance scale 1 (no unconditional pass), `guided`
+  # `guidance_scale` (STARFlow's rule on the deep block; its cfg w = scale - 1). `denoise`: one
+  # score-based (Tweedie) step with sigma = noise_sigma after the inverse.
+  c.flow.sample = ml_collections.ConfigDict()
+  c.flow.sample.temperature = 1.0
+  c.flow.sample.guidance_scale = 2.0
+  c.flow.sample.denoise = True
+  c.flow.sample.cache = True  # KV-cached inverse (False: recompute per token, the reference)
   return c

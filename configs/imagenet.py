@@ -40,6 +40,11 @@ def get_config(arg: str | None = None):
   config.pixel.input = "encoder"
   config.pixel.dtype = "bfloat16"
 
+  # Flow generator (stage `flow`, not in the default stages): STARFlow's 1.4B layout on the
+  # 16x16x32 latents (common.py defaults), bfloat16 compute, each layer rematerialised.
+  config.flow.dtype = "bfloat16"
+  config.flow.model.remat = True
+
   if args.runlocal:
     config.data.max_train_examples = 256
     config.data.max_eval_examples = 64
@@ -60,6 +65,10 @@ def get_config(arg: str | None = None):
       phase.train.log_every = 5
       phase.train.checkpoint_every = 10
     config.pixel.eval.max_examples = 64
+    f = config.flow
+    f.model.width, f.model.num_heads, f.model.deep_depth, f.model.num_shallow = 64, 2, 2, 1
+    f.train.num_steps, f.train.batch_size, f.train.warmup_steps = 10, 16, 2
+    f.train.log_every, f.train.checkpoint_every = 5, 10
   return config
 
 

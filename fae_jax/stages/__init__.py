@@ -9,7 +9,7 @@ Adding a stage = one module here plus one line in `STAGES` below.
 
 from __future__ import annotations
 
-from fae_jax.stages import convert, diffusion, encode, evaluate, fae, latents, pixel
+from fae_jax.stages import convert, diffusion, encode, evaluate, fae, flow, latents, pixel
 from fae_jax.stages.context import StageContext
 
 STAGES = {
@@ -19,6 +19,7 @@ STAGES = {
   pixel.NAME: pixel,
   latents.NAME: latents,
   diffusion.NAME: diffusion,
+  flow.NAME: flow,
   evaluate.NAME: evaluate,
 }
 

@@ -1,10 +1,13 @@
 """Stage `evaluate`: class-conditional samples from the trained generators, decoded and scored.
 
-For each generator in `config.evaluate.generators` and each guidance setting (`unguided`: the
-sampler of `config.evaluate.unguided`, no guidance; `guided`: the sampler and bands of
-`config.evaluate.guided`), it draws `num_samples` latents with balanced labels, un-normalises
-them, decodes them to images (FAE feature decoder -> pixel decoder, `fae_jax.autoencoder`),
-writes a PNG grid (one row per class) and computes:
+For each generator in `config.evaluate.generators` and each guidance setting, it draws
+`num_samples` latents with balanced labels. `diffusion` (the DiT): `unguided` is the sampler of
+`config.evaluate.unguided`, no guidance; `guided` the sampler and bands of
+`config.evaluate.guided`. `flow` (the TarFlow): `unguided` inverts at guidance scale 1, `guided`
+at `config.flow.sample.guidance_scale`, both with `config.flow.sample.temperature` and the
+optional denoising step. Both then share one path: it un-normalises the latents, decodes them
+to images (FAE feature decoder -> pixel decoder, `fae_jax.autoencoder`), writes a PNG grid (one
+row per class) and computes:
 
   * FD-DINOv2: the Frechet distance between the frozen encoder's mean-pooled patch features of
     the generated images and of the held-out real split (`fae_jax.evaluation.frechet`; square
@@ -39,10 +42,13 @@ from fae_jax.autoencoder import Autoencoder
 from fae_jax.data import sources
 from fae_jax.evaluation import frechet, grids, linear_probe
 from fae_jax.flow_matching import sampler
+from fae_jax.flows import sampling as flow_sampling
 from fae_jax.models import dit as dit_model
+from fae_jax.models import tarflow
 from fae_jax.stages import diffusion as diffusion_stage
 from fae_jax.stages import encode
 from fae_jax.stages import fae as fae_stage
+from fae_jax.stages import flow as flow_stage
 from fae_jax.stages.context import StageContext
 
 NAME = "evaluate"
@@ -211,6 +217,86 @@ def diffusion_generators(ctx: StageContext) -> dict[str, tuple[Any, Any, dict[st
   return {"trained": (model, params, stats, meta), "untrained": (model, fresh, stats, meta)}
 
 
+# One evaluation run: `(which, setting, () -> SampleFn)`; which is 'trained' or 'untrained' (the
+# freshly initialised reference, unguided only); the sampler is built when the run starts.
+Run = tuple[str, str, Callable[[], SampleFn]]
+
+
+def diffusion_runs(
+  ctx: StageContext, settings: dict[str, dict[str, Any]]
+) -> tuple[list[Run], dict[str, np.ndarray], dict[str, Any]]:
+  """The DiT's runs (trained x each setting, untrained unguided), its latent statistics and the
+  sampler settings for the report."""
+  gens = diffusion_generators(ctx)
+  shift = float(gens["trained"][3]["time_shift"])
+
+  def build(which: str, name: str) -> Callable[[], SampleFn]:
+    model, params, _, _ = gens[which]
+    return lambda: make_diffusion_sampler(
+      model, params, shift=shift, setting=settings[name], mesh=ctx.mesh
+    )
+
+  pairs = [("trained", name) for name in settings] + [("untrained", "unguided")]
+  runs = [(which, name, build(which, name)) for which, name in pairs]
+  samplers = {k: {**v, "bands": [list(b) for b in v["bands"]]} for k, v in settings.items()}
+  return runs, gens["trained"][2], samplers
+
+
+def flow_settings(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """`unguided` (guidance scale 1) and `guided` (`config.flow.sample.guidance_scale`)."""
+  s = config.flow.sample
+  common = {
+    "temperature": float(s.temperature),
+    "denoise": bool(s.denoise),
+    "cache": bool(s.get("cache", True)),
+  }
+  return {
+    "unguided": {**common, "guidance_scale": 1.0},
+    "guided": {**common, "guidance_scale": float(s.guidance_scale)},
+  }
+
+
+def make_flow_sampler(
+  model: tarflow.TarFlow, params: Any, *, setting: dict[str, Any], mesh
+) -> SampleFn:
+  """Jitted, batch-sharded sampling of normalised latents with the flow (replicated params)."""
+  scale = setting["guidance_scale"]
+  jitted = flow_sampling.make_sample_fn(
+    model,
+    mesh=mesh,
+    temperature=setting["temperature"],
+    guidance=None if scale == 1.0 else scale,
+    cache=setting["cache"],
+    denoise_step=setting["denoise"],
+  )
+  params = jax.device_put(params, sharding.replicated(mesh))
+  return lambda rng, labels: jitted(params, rng, labels)
+
+
+def flow_runs(ctx: StageContext) -> tuple[list[Run], dict[str, np.ndarray], dict[str, Any]]:
+  """The flow's runs (trained x each setting, untrained unguided: a fresh flow is the identity,
+  so that reference decodes Gaussian noise), its latent statistics and sampler settings."""
+  params, mcfg, meta = flow_stage.load_export(ctx.workdir)
+  model = tarflow.TarFlow(mcfg)
+  stats = {k: np.asarray(v, np.float32) for k, v in meta["latent_stats"].items()}
+  settings = flow_settings(ctx.config)
+  x0 = jnp.zeros((1, mcfg.input_size, mcfg.input_size, mcfg.in_channels))
+
+  def fresh() -> Any:
+    init = jax.jit(lambda k: model.init(k, x0, jnp.zeros((1,), jnp.int32))["params"])
+    return init(jax.random.key(ctx.config.seed + 1))
+
+  def build(which: str, name: str) -> Callable[[], SampleFn]:
+    def make() -> SampleFn:
+      p = params if which == "trained" else fresh()
+      return make_flow_sampler(model, p, setting=settings[name], mesh=ctx.mesh)
+
+    return make
+
+  pairs = [("trained", name) for name in settings] + [("untrained", "unguided")]
+  return [(which, name, build(which, name)) for which, name in pairs], stats, settings
+
+
 def run(ctx: StageContext) -> dict:
   config = ctx.config
   ev = config.evaluate
@@ -247,17 +333,18 @@ def run(ctx: StageContext) -> dict:
   settings = sampler_settings(config)
   rng = jax.random.key(config.seed)
   for generator in ev.generators:
-    if generator != "diffusion":
-      raise ValueError(f"config.evaluate.generators: unknown generator {generator!r}.")
-    gens = diffusion_generators(ctx)
-    res: dict[str, Any] = {}
-    shift = float(gens["trained"][3]["time_shift"])
-    runs = [("trained", name) for name in settings] + [("untrained", "unguided")]
-    for which, name in runs:
-      model, params, stats, _ = gens[which]
-      sample_fn = make_diffusion_sampler(
-        model, params, shift=shift, setting=settings[name], mesh=ctx.mesh
+    if generator == "diffusion":
+      runs, stats, samplers = diffusion_runs(ctx, settings)
+    elif generator == "flow":
+      runs, stats, samplers = flow_runs(ctx)
+    else:
+      raise ValueError(
+        f"config.evaluate.generators: unknown generator {generator!r}; "
+        "choose from ('diffusion', 'flow')."
       )
+    res: dict[str, Any] = {}
+    for which, name, make_sample_fn in runs:
+      sample_fn = make_sample_fn()
       logging.info("evaluate: %s %s %s samples (%s)", n, generator, which, name)
       images = generate_images(sample_fn, ae, stats, labels, jax.random.fold_in(rng, 7), bs)
       feats = pooled_features(ae, images, bs)
@@ -281,9 +368,7 @@ def run(ctx: StageContext) -> dict:
       res[f"grid_png_{name}"] = str(path)
     res["grid_png"] = res.get("grid_png_guided", res.get("grid_png_unguided"))
     res["chance_accuracy"] = 1.0 / num_classes
-    res["samplers"] = {
-      k: {**v, "bands": [list(b) for b in v["bands"]]} for k, v in settings.items()
-    }
+    res["samplers"] = samplers
     metrics[generator] = res
   writer.close()
   if jax.process_index() == 0:

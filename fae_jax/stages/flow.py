@@ -1,0 +1,168 @@
+"""Stage `flow`: a TarFlow/STARFlow normalizing flow on the cached FAE latents.
+
+The same data path as the `diffusion` stage: each step draws, per example, the original or the
+flipped posterior (probability 1/2), samples `z = mean + std * eps`, and normalises it per
+channel with `latents/stats.json`. The objective (`fae_jax.flows.objective.flow_loss`) adds the
+training noise `noise_sigma * eps`, drops labels to the null class for guidance, and minimises
+the exact negative log-likelihood of the deep-shallow flow (`fae_jax.models.tarflow`). The
+network, the objective and the sampler (`fae_jax.flows.sampling`) are separate modules; this
+stage only wires them to the data and the train loop.
+
+The loop logs the objective's metrics under `train/` (`train/bpd` is bits per dimension of the
+noise-augmented, normalised latents; it can be negative and is comparable only between runs on
+the same latents with the same `noise_sigma`).
+
+Outputs in `<workdir>/flow/`: TensorBoard events, `train_log.jsonl`, `checkpoints/`, `export/`
+(EMA weights + `model.json` with the FlowConfig and the latent statistics). Complete when
+`export/model.json` exists.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fae_jax import params_store, sharding
+from fae_jax.data import pipeline, sources
+from fae_jax.flows import objective
+from fae_jax.models import tarflow
+from fae_jax.stages import diffusion as diffusion_stage
+from fae_jax.stages import latents as latents_stage
+from fae_jax.stages.context import StageContext
+from fae_jax.train import loop
+
+NAME = "flow"
+EXPORT = "export"
+EXPORT_META = "model.json"
+# FlowConfig fields that come from the latents and the dataset, never from config.flow.model.
+DERIVED_FIELDS = ("input_size", "in_channels", "num_classes")
+
+
+class StageDirs:
+  def __init__(self, workdir):
+    self.root = workdir / NAME
+    self.export = self.root / EXPORT
+
+
+def model_config(
+  config: ml_collections.ConfigDict, latent_shape: tuple[int, int, int], num_classes: int
+) -> tarflow.FlowConfig:
+  """FlowConfig from `config.flow.model` (+ `config.flow.dtype`) and the latent geometry."""
+  m = config.flow.model.to_dict()
+  derived = sorted(set(m) & set(DERIVED_FIELDS))
+  if derived:
+    raise ValueError(
+      f"config.flow.model.{derived[0]} is derived from the latents and the dataset; remove it."
+    )
+  h, w, c = latent_shape
+  if h != w:
+    raise ValueError(f"The flow needs a square latent grid, got {h}x{w}.")
+  return tarflow.FlowConfig.from_dict(
+    {
+      **m,
+      "input_size": h,
+      "in_channels": c,
+      "num_classes": num_classes,
+      "dtype": config.flow.dtype,
+    }
+  )
+
+
+def load_export(workdir) -> tuple[Any, tarflow.FlowConfig, dict[str, Any]]:
+  """`(EMA params, FlowConfig, model.json)` of the trained flow."""
+  directory = StageDirs(workdir).export
+  meta = params_store.load_meta(
+    directory, EXPORT_META, "Run the `flow` stage first (add it to config.stages)."
+  )
+  return params_store.load_params(directory), tarflow.FlowConfig.from_dict(meta["config"]), meta
+
+
+def is_complete(ctx: StageContext) -> bool:
+  return params_store.exists(StageDirs(ctx.workdir).export, EXPORT_META)
+
+
+def make_loss_fn(model: tarflow.TarFlow):
+  """`(params, batch, rng, stats) -> (nats per dim, metrics)` on normalised posterior samples."""
+
+  def loss_fn(params, batch, rng, stats):
+    k_z, k_flow = jax.random.split(rng)
+    x = (diffusion_stage.sample_latents(batch, k_z) - stats["mean"]) / stats["std"]
+    return objective.flow_loss(params, model, x, batch["label"], k_flow)
+
+  return loss_fn
+
+
+def run(ctx: StageContext) -> dict:
+  config = ctx.config
+  source = latents_stage.latent_source(ctx)
+  stats = latents_stage.load_stats(ctx.workdir)
+  latent_shape = tuple(source.spec["mean"][0])
+  num_classes = sources.num_classes(config.data)
+  mcfg = model_config(config, latent_shape, num_classes)
+  model = tarflow.TarFlow(mcfg)
+  train_cfg = config.flow.train
+  sharding.check_batch_divisible(int(train_cfg.batch_size), ctx.mesh, "config.flow.train")
+  per_process = int(train_cfg.batch_size) // jax.process_count()
+  x0 = jnp.zeros((1, *latent_shape), jnp.float32)
+
+  def init_params(rng):
+    return model.init({"params": rng}, x0, jnp.zeros((1,), jnp.int32))["params"]
+
+  def data_iter_fn():
+    ds = pipeline.make_cache_dataset(
+      source, batch_size=per_process, seed=config.seed, data_config=config.data
+    )
+    fields = diffusion_stage.LATENT_FIELDS
+    return iter(ds.map(lambda b: {k: b[k] for k in fields if k in b}))
+
+  t0 = time.time()
+  state = loop.train(
+    workdir=ctx.workdir,
+    stage=NAME,
+    config=train_cfg,
+    mesh=ctx.mesh,
+    init_params_fn=init_params,
+    loss_fn=make_loss_fn(model),
+    data_iter_fn=data_iter_fn,
+    seed=config.seed,
+    # The loop counts a training step as 3x the forward.
+    flops_per_example=tarflow.flow_flops_per_example(mcfg),
+    extra_args=({"mean": stats["mean"], "std": stats["std"]},),
+    saved_config=config,
+  )
+  seconds = time.time() - t0
+  final = state.ema_params if state.ema_params is not None else state.params
+  dirs = StageDirs(ctx.workdir)
+  if jax.process_index() == 0 and not params_store.exists(dirs.export, EXPORT_META):
+    params_store.save_params(
+      dirs.export,
+      final,
+      {
+        "model": "tarflow",
+        "config": mcfg.to_dict(),
+        "weights": "ema" if state.ema_params is not None else "raw",
+        "step": int(state.step),
+        "latent_stats": {k: np.asarray(v).tolist() for k, v in stats.items()},
+      },
+      EXPORT_META,
+    )
+  result: dict[str, Any] = {
+    "steps": int(state.step),
+    "train_seconds": round(seconds, 1),
+    "num_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(final))),
+    "model": (
+      f"TarFlow width {mcfg.width}, deep {mcfg.deep_depth} + {mcfg.num_shallow}x"
+      f"{mcfg.shallow_depth} layers, patch {mcfg.patch_size}"
+    ),
+    **loop.logged_loss_curve(dirs.root),
+  }
+  bpd = loop.logged_loss_curve(dirs.root, key="train/bpd")
+  if bpd:
+    result["bits_per_dim_first"] = bpd["train_loss_first"]
+    result["bits_per_dim"] = bpd["train_loss_last"]
+  return result

@@ -4,6 +4,8 @@
   python launch/sweep.py --config=configs/demo.py:sweep=adapter_depth --root=... --mode=local
   python launch/summarize.py runs/sweep_depth            # one table of every point's metrics
 
+Extra `--config.<field>=<value>` flags are passed to every point (e.g. a shorter schedule).
+
 A config file defines `sweep(name) -> list[dict]` (each dict: dotted config field -> value) and
 `SWEEP_STAGES` (the stages each point runs). The shared upstream stages (`convert`, `encode`) run
 once in `<root>/shared`; every point has its own workdir `<root>/<name>=<value>` that reads the
@@ -54,7 +56,13 @@ def point_name(overrides: dict) -> str:
   return ",".join(f"{k.split('.')[-1]}={format_value(v)}" for k, v in overrides.items())
 
 
-def build_commands(config_arg: str, root: str, python: str = sys.executable) -> list[list[str]]:
+def build_commands(
+  config_arg: str, root: str, python: str = sys.executable, extra: list[str] = ()
+) -> list[list[str]]:
+  """One command for the shared upstream stages, then one per sweep point.
+
+  `extra` flags (e.g. `--config.fae.train.num_steps=200`) are appended to every point.
+  """
   path, sweep, rest = split_config_arg(config_arg)
   module = load_config_module(path)
   if not sweep:
@@ -84,6 +92,7 @@ def build_commands(config_arg: str, root: str, python: str = sys.executable) -> 
       f"--config.stages={format_value(stages['point'])}",
     ]
     cmd += [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
+    cmd += list(extra)
     commands.append(cmd)
   return commands
 
@@ -93,8 +102,11 @@ def main(argv=None):
   parser.add_argument("--config", required=True, help="path.py:sweep=NAME[,presets]")
   parser.add_argument("--root", required=True, help="root directory of the sweep's workdirs")
   parser.add_argument("--mode", choices=["dry", "local"], default="dry")
-  args = parser.parse_args(argv)
-  commands = build_commands(args.config, args.root)
+  args, extra = parser.parse_known_args(argv)
+  bad = [e for e in extra if not e.startswith("--config.")]
+  if bad:
+    parser.error(f"unknown arguments {bad}; extra flags must be --config.<field>=<value>")
+  commands = build_commands(args.config, args.root, extra=extra)
   for cmd in commands:
     print(shlex.join(cmd), flush=True)
     if args.mode == "local":

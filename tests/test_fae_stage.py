@@ -97,6 +97,11 @@ def test_sweep_expands_points_with_shared_upstream(tmp_path):
   assert all(f"--config.upstream_workdir={tmp_path}/shared" in cmd for cmd in cmds[1:])
   with pytest.raises(SystemExit):
     sweep.build_commands("configs/demo.py:tiny", str(tmp_path))
+  short = sweep.build_commands(
+    "configs/demo.py:sweep=adapter_depth", str(tmp_path), extra=["--config.fae.train.num_steps=5"]
+  )
+  assert all(cmd[-1] == "--config.fae.train.num_steps=5" for cmd in short[1:])
+  assert "--config.fae.train.num_steps=5" not in short[0]
 
 
 def test_summarize_collects_points(tmp_path):

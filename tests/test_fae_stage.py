@@ -25,6 +25,7 @@ SMALL = Dinov2Config(width=32, depth=1, num_heads=2, pos_grid=4, interpolate_off
 
 def tiny_pipeline_config(input_mode="cache"):
   config = demo.get_config("random_encoder,tiny")
+  config.stages = ("convert", "encode", "fae")
   config.data.name = "synthetic"
   config.data.num_examples = 64
   config.data.synthetic_image_size = 28

@@ -82,6 +82,7 @@ from fae_jax.stages import fae as fae_stage
 from fae_jax.stages.context import StageContext
 from fae_jax.train import checkpoint as ckpt_lib
 from fae_jax.train import loop, optim
+from fae_jax.train.state import TrainState, raw_key
 
 NAME = "pixel"
 PHASES = ("noisy", "finetune")
@@ -506,8 +507,8 @@ def _seed_checkpoint(
 ) -> None:
   """Writes step 0 of `phase` holding `start_params` (from the phase described by `start`).
 
-  The state is built by the loop's own `create_train_state` (fresh optimizer, shardings from the
-  config), then its params (and EMA) are replaced by `start_params` placed on those shardings.
+  The state gets the loop's shardings (`loop.abstract_train_state`) and a fresh optimizer; it is
+  built by a jit that takes `start_params` as an argument (no random init is compiled or run).
   Skipped once `phase` has trained (a checkpoint after step 0: it resumes from its own). A step-0
   checkpoint of another start (the previous phase was trained further since) is replaced.
   """
@@ -529,14 +530,24 @@ def _seed_checkpoint(
       directory.rmtree()
       ckpt = open_checkpointer()
     tx, _ = optim.make_optimizer(train_cfg)
-    state, shardings = loop.create_train_state(
+    abstract, shardings = loop.abstract_train_state(
       config=train_cfg, mesh=ctx.mesh, init_params_fn=init_params_fn, tx=tx, seed=ctx.config.seed
     )
+    use_ema = abstract.ema_params is not None
+
+    def build(params, rng):
+      return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(lambda a: a + jnp.zeros_like(a), params) if use_ema else None,
+        rng=rng,
+      )
+
+    # The phase's own step keys: `fold_in(key(seed), phase index)`.
+    rng = raw_key(jax.random.fold_in(jax.random.key(ctx.config.seed), PHASES.index(phase)))
     params = jax.device_put(start_params, shardings.params)
-    ema = None
-    if state.ema_params is not None:
-      ema = jax.device_put(jax.tree.map(jnp.copy, start_params), shardings.ema_params)
-    state = state.replace(params=params, ema_params=ema)
+    state = jax.jit(build, out_shardings=shardings)(params, rng)
     saved = {**ckpt_lib.config_to_json(ctx.config), "pixel_start": start}
     ckpt.save(0, state, data_iter_fn(), saved, force=True)
     ckpt.wait()

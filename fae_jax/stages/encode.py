@@ -76,6 +76,24 @@ def cache_metadata(
   }
 
 
+def feature_cache_source(
+  ctx: StageContext, split_key: str, encoder_meta: dict[str, Any], consumer: str
+) -> array_cache.CacheSource:
+  """The complete feature cache of a split, checked against the current encoder and config.
+
+  `consumer` is the config section that reads it (e.g. 'fae', 'pixel'), named in the error.
+  """
+  directory = cache_dir(ctx.upstream, split_key)
+  if not array_cache.is_complete(directory):
+    raise FileNotFoundError(
+      f"The feature cache {directory} is missing or incomplete: run the `encode` stage first "
+      f"(add 'encode' to config.stages), or set config.{consumer}.input='encoder' to encode on "
+      "the fly."
+    )
+  expected = cache_metadata(ctx.config, encoder_meta, split_key)
+  return array_cache.CacheSource(directory, expected_metadata=expected, stage=NAME)
+
+
 def cache_spec(spec: EncoderSpec) -> dict[str, tuple[tuple[int, ...], str]]:
   return {"features": ((spec.num_tokens, spec.feature_dim), "bfloat16")}
 

@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from fae_jax import encoder_checkpoint, params_store, sharding
-from fae_jax.data import array_cache, pipeline
+from fae_jax.data import pipeline
 from fae_jax.evaluation import features as feature_metrics
 from fae_jax.evaluation import linear_probe
 from fae_jax.losses import fae as fae_losses
@@ -66,14 +66,7 @@ def is_complete(ctx: StageContext) -> bool:
 
 
 def _feature_source(ctx: StageContext, split_key: str, encoder_meta: dict[str, Any]):
-  directory = encode.cache_dir(ctx.upstream, split_key)
-  if not array_cache.is_complete(directory):
-    raise FileNotFoundError(
-      f"The feature cache {directory} is missing or incomplete: run the `encode` stage first "
-      "(add 'encode' to config.stages), or set config.fae.input='encoder' to encode on the fly."
-    )
-  expected = encode.cache_metadata(ctx.config, encoder_meta, split_key)
-  return array_cache.CacheSource(directory, expected_metadata=expected, stage="encode")
+  return encode.feature_cache_source(ctx, split_key, encoder_meta, "fae")
 
 
 def feature_batches(

@@ -326,14 +326,7 @@ class PairedCacheSource:
 
 
 def _cache_source(ctx: StageContext, split_key: str, encoder_meta: dict[str, Any]):
-  directory = encode.cache_dir(ctx.upstream, split_key)
-  if not array_cache.is_complete(directory):
-    raise FileNotFoundError(
-      f"The feature cache {directory} is missing or incomplete: run the `encode` stage first "
-      "(add 'encode' to config.stages), or set config.pixel.input='encoder' to encode on the fly."
-    )
-  expected = encode.cache_metadata(ctx.config, encoder_meta, split_key)
-  return array_cache.CacheSource(directory, expected_metadata=expected, stage="encode")
+  return encode.feature_cache_source(ctx, split_key, encoder_meta, "pixel")
 
 
 def _make_data_iter_fn(

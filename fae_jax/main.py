@@ -110,8 +110,9 @@ def main(argv):
     for name in config.stages:
       if (workdir / name).exists():
         print(f"  {name:10s} {workdir / name}")
-    print(f"  report     {workdir / report_lib.REPORT_NAME}")
-    print(json.dumps(report, indent=2, sort_keys=True))
+    print(f"  report     {workdir / report_lib.REPORT_NAME} (every number)")
+    print("\nSummary:")
+    print(report_lib.summary(report))
   sys.stdout.flush()
 
 

@@ -8,14 +8,15 @@ can afford: 28 px images upsampled to the encoder's 112 px input give 8x8 tokens
   python -m fae_jax.main --config=configs/demo.py:random_encoder --workdir=/tmp/x   # no weights
 
 Presets (comma separated after the colon): `random_encoder` (random DINOv2-S weights, every
-output says so), `tiny` (a few hundred examples; used by the tests).
+output says so), `tiny` (a few hundred examples; used by the tests), `perceptual` (the pixel
+decoder with the DINOv2 feature-matching loss; see below for why it is not the default).
 """
 
 from configs import common
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, random_encoder=False, tiny=False)
+  args = common.parse_arg(arg, random_encoder=False, tiny=False, perceptual=False)
   config = common.base_config()
   config.name = "demo"
   config.stages = (
@@ -86,7 +87,7 @@ def get_config(arg: str | None = None):
   p.model.width, p.model.depth, p.model.num_heads = 128, 3, 4
   p.model.patch_size = 4
   p.loss.rec = "l1"
-  p.loss.perceptual = "none"
+  p.loss.perceptual = "dino" if args.perceptual else "none"
   p.loss.gan_weight = 0.0
   for phase, steps in ((p.noisy, 700), (p.finetune, 300)):
     phase.gan_start = 0

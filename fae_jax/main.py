@@ -26,6 +26,7 @@ from ml_collections import config_flags  # noqa: E402
 from fae_jax import report as report_lib  # noqa: E402
 from fae_jax import sharding  # noqa: E402
 from fae_jax.stages import STAGES, StageContext  # noqa: E402
+from fae_jax.train.checkpoint import absolute_path  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage writes its outputs.")
@@ -74,6 +75,7 @@ def check_stages(stages) -> None:
 def run_stages(config, workdir: epath.Path) -> dict:
   """Runs `config.stages` in order; returns the final report."""
   check_stages(config.stages)
+  workdir = absolute_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.mesh_from_config(config.mesh)
   logging.info("Mesh: %s", dict(mesh.shape))

@@ -350,6 +350,32 @@ def test_nan_loss_stops_with_step(tmp_path):
     manager.close()
 
 
+def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
+  # `make demo` passes a relative workdir; Orbax only accepts absolute checkpoint paths.
+  monkeypatch.chdir(tmp_path)
+  assert ckpt_lib.absolute_path("runs/x") == tmp_path / "runs" / "x"
+  assert str(ckpt_lib.absolute_path("gs://bucket/run")) == "gs://bucket/run"
+  config = toy.make_config(4)
+  config.checkpoint_every = 2
+  kwargs = dict(
+    stage=toy.STAGE,
+    mesh=toy.make_mesh(),
+    init_params_fn=toy.init_params,
+    loss_fn=toy.loss_fn,
+    data_iter_fn=toy.make_data_iter_fn(),
+  )
+  state = loop.train(workdir="runs/rel", config=config, **kwargs)
+  assert int(state.step) == 4
+  manager = ckpt_lib.Checkpointer("runs/rel/toy/checkpoints", checkpoint_every=2)
+  try:
+    assert list(manager.all_steps()) == [2, 4]
+    assert manager.directory.is_absolute()
+  finally:
+    manager.close()
+  config.num_steps = 6  # resume from step 4 through the relative path
+  assert int(loop.train(workdir="runs/rel", config=config, **kwargs).step) == 6
+
+
 # ------------------------------------------------------------------------------------------------
 # Optimizer, schedule, MFU
 

@@ -21,13 +21,14 @@ TPU/GPU (their default float32 matmul uses bfloat16 / TF32 passes); parity tests
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fae_jax.models.config_base import JsonConfig
 from fae_jax.models.layers import Block, BlockConfig, swiglu_hidden_dim
 from fae_jax.models.resize import resize_pos_grid
 
@@ -54,7 +55,7 @@ def interpolation_rule(num_registers: int) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Dinov2Config:
+class Dinov2Config(JsonConfig):
   """Architecture of a DINOv2 backbone.
 
   Attributes:
@@ -125,19 +126,6 @@ class Dinov2Config:
     )
     fields.update(overrides)
     return cls(**fields)
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-able dict of every field."""
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> Dinov2Config:
-    """Inverse of `to_dict`; unknown keys are an error."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"Unknown Dinov2Config keys {unknown}; known: {sorted(known)}.")
-    return cls(**d)
 
   @property
   def mlp_hidden(self) -> int:

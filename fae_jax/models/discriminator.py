@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fae_jax.models.config_base import JsonConfig
+
 Dtype = Any
 
 _NORMS = ("group", "none")
@@ -38,7 +40,7 @@ _CONV_INIT = nn.initializers.normal(stddev=0.02)
 
 
 @dataclasses.dataclass(frozen=True)
-class DiscriminatorConfig:
+class DiscriminatorConfig(JsonConfig):
   """PatchGAN shape.
 
   Attributes:
@@ -60,17 +62,6 @@ class DiscriminatorConfig:
       raise ValueError(f"DiscriminatorConfig.norm={self.norm!r} is not one of {_NORMS}.")
     if self.num_layers < 1 or self.base_channels < 1 or self.num_groups < 1:
       raise ValueError("DiscriminatorConfig: num_layers, base_channels, num_groups must be >= 1.")
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> DiscriminatorConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"Unknown DiscriminatorConfig keys {unknown}; valid: {sorted(known)}.")
-    return cls(**d)
 
 
 class PatchDiscriminator(nn.Module):

@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fae_jax.models import layers
+from fae_jax.models.config_base import JsonConfig
 
 Dtype = Any
 
@@ -85,7 +86,7 @@ _zeros = nn.initializers.zeros
 
 
 @dataclasses.dataclass(frozen=True)
-class DitConfig:
+class DitConfig(JsonConfig):
   """Shape of a SiT / LightningDiT generator. Defaults: LightningDiT-XL/1 on 16x16x32 latents.
 
   Attributes:
@@ -179,10 +180,7 @@ class DitConfig:
     return self.num_classes
 
   def block_config(self) -> layers.BlockConfig:
-    if self.ffn == "swiglu":
-      hidden = layers.swiglu_hidden_dim(self.width, self.mlp_ratio)
-    else:
-      hidden = int(self.width * self.mlp_ratio)
+    hidden = layers.ffn_hidden_dim(self.ffn, self.width, self.mlp_ratio)
     return layers.BlockConfig(
       width=self.width,
       num_heads=self.num_heads,
@@ -193,17 +191,6 @@ class DitConfig:
       norm_eps=self.norm_eps,
       qk_norm=self.qk_norm,
     )
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> DitConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"Unknown DitConfig keys {unknown}; valid keys are {sorted(known)}.")
-    return cls(**d)
 
   @classmethod
   def from_variant(

@@ -80,6 +80,7 @@ import jax
 import jax.numpy as jnp
 
 from fae_jax.models import layers
+from fae_jax.models.config_base import JsonConfig
 
 Dtype = Any
 
@@ -93,7 +94,7 @@ _POS_INIT = nn.initializers.normal(stddev=0.02)
 
 
 @dataclasses.dataclass(frozen=True)
-class FaeConfig:
+class FaeConfig(JsonConfig):
   """Shape of the FAE adapter and feature decoder. Defaults: the paper's ImageNet model.
 
   Attributes:
@@ -189,21 +190,6 @@ class FaeConfig:
   def num_tokens(self) -> int:
     return self.grid[0] * self.grid[1]
 
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-able dict (tuples become lists)."""
-    d = dataclasses.asdict(self)
-    d["grid"] = list(self.grid)
-    d["logvar_clip"] = list(self.logvar_clip)
-    return d
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> FaeConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"Unknown FaeConfig keys {unknown}; valid keys are {sorted(known)}.")
-    return cls(**d)
-
   def adapter_block_config(self) -> layers.BlockConfig:
     """Block of a deep (depth > 1) adapter: width D, the adapter's attention shape, GELU MLP."""
     return layers.BlockConfig(
@@ -218,10 +204,7 @@ class FaeConfig:
     )
 
   def decoder_block_config(self) -> layers.BlockConfig:
-    if self.decoder_ffn == "swiglu":
-      hidden = layers.swiglu_hidden_dim(self.decoder_width, self.mlp_ratio)
-    else:
-      hidden = int(self.mlp_ratio * self.decoder_width)
+    hidden = layers.ffn_hidden_dim(self.decoder_ffn, self.decoder_width, self.mlp_ratio)
     return layers.BlockConfig(
       width=self.decoder_width,
       num_heads=self.decoder_heads,

@@ -66,6 +66,13 @@ def swiglu_hidden_dim(width: int, mlp_ratio: float, multiple_of: int = 8) -> int
   return (int(hidden * 2 / 3) + multiple_of - 1) // multiple_of * multiple_of
 
 
+def ffn_hidden_dim(ffn: str, width: int, mlp_ratio: float) -> int:
+  """Hidden width of a block's FFN: `mlp_ratio * width` for 'mlp', its SwiGLU equivalent else."""
+  if ffn == "swiglu":
+    return swiglu_hidden_dim(width, mlp_ratio)
+  return int(mlp_ratio * width)
+
+
 # ----------------------------------------------------------------------------------------------
 # Rotary position embeddings (2-D, axial).
 # ----------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from fae_jax.models import layers
+from fae_jax.models.config_base import JsonConfig
 
 Dtype = Any
 
@@ -65,7 +66,7 @@ _POS_INIT = nn.initializers.normal(stddev=0.02)
 
 
 @dataclasses.dataclass(frozen=True)
-class PixelDecoderConfig:
+class PixelDecoderConfig(JsonConfig):
   """Shape of the pixel decoder. Defaults: the paper's ImageNet ViT-L/16.
 
   Attributes:
@@ -145,22 +146,6 @@ class PixelDecoderConfig:
   def patch_dim(self) -> int:
     return self.patch_size * self.patch_size * self.channels
 
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-able dict (tuples become lists)."""
-    d = dataclasses.asdict(self)
-    d["grid"] = list(self.grid)
-    return d
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> PixelDecoderConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(
-        f"Unknown PixelDecoderConfig keys {unknown}; valid keys are {sorted(known)}."
-      )
-    return cls(**d)
-
   @classmethod
   def from_variant(cls, variant: str, **overrides: Any) -> PixelDecoderConfig:
     """`"L/16"` -> ViT-L with 16-px output patches; `overrides` set any other field.
@@ -185,10 +170,7 @@ class PixelDecoderConfig:
     return cls(**fields)
 
   def block_config(self) -> layers.BlockConfig:
-    if self.ffn == "swiglu":
-      hidden = layers.swiglu_hidden_dim(self.width, self.mlp_ratio)
-    else:
-      hidden = int(self.mlp_ratio * self.width)
+    hidden = layers.ffn_hidden_dim(self.ffn, self.width, self.mlp_ratio)
     return layers.BlockConfig(
       width=self.width,
       num_heads=self.num_heads,

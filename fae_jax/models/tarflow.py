@@ -98,6 +98,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fae_jax.models import layers
+from fae_jax.models.config_base import JsonConfig
 
 Dtype = Any
 
@@ -111,7 +112,7 @@ _INV_SOFTPLUS_1 = math.log(math.e - 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class FlowConfig:
+class FlowConfig(JsonConfig):
   """Shape of a TarFlow/STARFlow model. Defaults: STARFlow's class-conditional ImageNet 1.4B.
 
   Attributes:
@@ -232,10 +233,7 @@ class FlowConfig:
     return jnp.promote_types(jnp.float32, self.compute_dtype)
 
   def block_config(self) -> layers.BlockConfig:
-    if self.ffn == "swiglu":
-      hidden = layers.swiglu_hidden_dim(self.width, self.mlp_ratio)
-    else:
-      hidden = int(self.mlp_ratio * self.width)
+    hidden = layers.ffn_hidden_dim(self.ffn, self.width, self.mlp_ratio)
     return layers.BlockConfig(
       width=self.width,
       num_heads=self.num_heads,
@@ -255,17 +253,6 @@ class FlowConfig:
     return specs
 
   # --- serialisation -------------------------------------------------------------------------
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> FlowConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"Unknown FlowConfig keys {unknown}; valid keys are {sorted(known)}.")
-    return cls(**d)
 
 
 # ----------------------------------------------------------------------------------------------

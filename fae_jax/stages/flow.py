@@ -19,34 +19,23 @@ Outputs in `<workdir>/flow/`: TensorBoard events, `train_log.jsonl`, `checkpoint
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from fae_jax import params_store, sharding
-from fae_jax.data import pipeline, sources
+from fae_jax import params_store
 from fae_jax.flows import objective
 from fae_jax.models import tarflow
-from fae_jax.stages import diffusion as diffusion_stage
-from fae_jax.stages import latents as latents_stage
+from fae_jax.stages import latent_generator as generator
 from fae_jax.stages.context import StageContext
 from fae_jax.train import loop
 
 NAME = "flow"
-EXPORT = "export"
-EXPORT_META = "model.json"
+EXPORT_META = generator.EXPORT_META
 # FlowConfig fields that come from the latents and the dataset, never from config.flow.model.
 DERIVED_FIELDS = ("input_size", "in_channels", "num_classes")
-
-
-class StageDirs:
-  def __init__(self, workdir):
-    self.root = workdir / NAME
-    self.export = self.root / EXPORT
 
 
 def model_config(
@@ -75,7 +64,7 @@ def model_config(
 
 def load_export(workdir) -> tuple[Any, tarflow.FlowConfig, dict[str, Any]]:
   """`(EMA params, FlowConfig, model.json)` of the trained flow."""
-  directory = StageDirs(workdir).export
+  directory = generator.StageDirs(workdir, NAME).export
   meta = params_store.load_meta(
     directory, EXPORT_META, "Run the `flow` stage first (add it to config.stages)."
   )
@@ -83,7 +72,7 @@ def load_export(workdir) -> tuple[Any, tarflow.FlowConfig, dict[str, Any]]:
 
 
 def is_complete(ctx: StageContext) -> bool:
-  return params_store.exists(StageDirs(ctx.workdir).export, EXPORT_META)
+  return params_store.exists(generator.StageDirs(ctx.workdir, NAME).export, EXPORT_META)
 
 
 def make_loss_fn(model: tarflow.TarFlow):
@@ -91,7 +80,7 @@ def make_loss_fn(model: tarflow.TarFlow):
 
   def loss_fn(params, batch, rng, stats):
     k_z, k_flow = jax.random.split(rng)
-    x = (diffusion_stage.sample_latents(batch, k_z) - stats["mean"]) / stats["std"]
+    x = generator.normalised_sample(batch, k_z, stats)
     return objective.flow_loss(params, model, x, batch["label"], k_flow)
 
   return loss_fn
@@ -99,69 +88,29 @@ def make_loss_fn(model: tarflow.TarFlow):
 
 def run(ctx: StageContext) -> dict:
   config = ctx.config
-  source = latents_stage.latent_source(ctx)
-  stats = latents_stage.load_stats(ctx.workdir)
-  latent_shape = tuple(source.spec["mean"][0])
-  num_classes = sources.num_classes(config.data)
+  latent_shape, num_classes = generator.latent_geometry(ctx)
   mcfg = model_config(config, latent_shape, num_classes)
   model = tarflow.TarFlow(mcfg)
-  train_cfg = config.flow.train
-  sharding.check_batch_divisible(int(train_cfg.batch_size), ctx.mesh, "config.flow.train")
-  per_process = int(train_cfg.batch_size) // jax.process_count()
   x0 = jnp.zeros((1, *latent_shape), jnp.float32)
 
   def init_params(rng):
     return model.init({"params": rng}, x0, jnp.zeros((1,), jnp.int32))["params"]
 
-  def data_iter_fn():
-    ds = pipeline.make_cache_dataset(
-      source, batch_size=per_process, seed=config.seed, data_config=config.data
-    )
-    fields = diffusion_stage.LATENT_FIELDS
-    return iter(ds.map(lambda b: {k: b[k] for k in fields if k in b}))
-
-  t0 = time.time()
-  state = loop.train(
-    workdir=ctx.workdir,
+  result = generator.train_and_export(
+    ctx,
     stage=NAME,
-    config=train_cfg,
-    mesh=ctx.mesh,
+    train_cfg=config.flow.train,
     init_params_fn=init_params,
     loss_fn=make_loss_fn(model),
-    data_iter_fn=data_iter_fn,
-    seed=config.seed,
     # The loop counts a training step as 3x the forward.
     flops_per_example=tarflow.flow_flops_per_example(mcfg),
-    extra_args=({"mean": stats["mean"], "std": stats["std"]},),
-    saved_config=config,
+    export_meta={"model": "tarflow", "config": mcfg.to_dict()},
   )
-  seconds = time.time() - t0
-  final = state.ema_params if state.ema_params is not None else state.params
-  dirs = StageDirs(ctx.workdir)
-  if jax.process_index() == 0 and not params_store.exists(dirs.export, EXPORT_META):
-    params_store.save_params(
-      dirs.export,
-      final,
-      {
-        "model": "tarflow",
-        "config": mcfg.to_dict(),
-        "weights": "ema" if state.ema_params is not None else "raw",
-        "step": int(state.step),
-        "latent_stats": {k: np.asarray(v).tolist() for k, v in stats.items()},
-      },
-      EXPORT_META,
-    )
-  result: dict[str, Any] = {
-    "steps": int(state.step),
-    "train_seconds": round(seconds, 1),
-    "num_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(final))),
-    "model": (
-      f"TarFlow width {mcfg.width}, deep {mcfg.deep_depth} + {mcfg.num_shallow}x"
-      f"{mcfg.shallow_depth} layers, patch {mcfg.patch_size}"
-    ),
-    **loop.logged_loss_curve(dirs.root),
-  }
-  bpd = loop.logged_loss_curve(dirs.root, key="train/bpd")
+  result["model"] = (
+    f"TarFlow width {mcfg.width}, deep {mcfg.deep_depth} + {mcfg.num_shallow}x"
+    f"{mcfg.shallow_depth} layers, patch {mcfg.patch_size}"
+  )
+  bpd = loop.logged_loss_curve(generator.StageDirs(ctx.workdir, NAME).root, key="train/bpd")
   if bpd:
     result["bits_per_dim_first"] = bpd["train_loss_first"]
     result["bits_per_dim"] = bpd["train_loss_last"]

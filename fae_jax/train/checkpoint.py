@@ -19,6 +19,7 @@ catches SIGTERM itself when `jax.distributed.initialize()` runs with the preempt
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from collections.abc import Mapping, Sequence
@@ -89,6 +90,17 @@ def config_to_json(config: Any) -> dict[str, Any]:
   return json.loads(json.dumps(config, default=str))
 
 
+def absolute_path(path: str | os.PathLike) -> epath.Path:
+  """`path` made absolute against the working directory; URLs (gs://...) pass unchanged.
+
+  Orbax refuses relative checkpoint paths, and `make demo` passes a relative workdir.
+  """
+  text = os.fspath(path)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
 class Checkpointer:
   """A stage's checkpoint directory (see the module doc)."""
 
@@ -101,7 +113,7 @@ class Checkpointer:
     milestones: Sequence[int] = (),
     async_save: bool = True,
   ):
-    self.directory = epath.Path(directory)
+    self.directory = absolute_path(directory)
     save_policies = [_policies.PreemptionCheckpointingPolicy()]
     if checkpoint_every and checkpoint_every > 0:
       save_policies.append(_policies.FixedIntervalPolicy(int(checkpoint_every)))

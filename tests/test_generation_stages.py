@@ -43,6 +43,7 @@ def tiny_config():
   t.num_steps, t.batch_size, t.log_every, t.checkpoint_every = 4, 8, 2, 2
   t.ema_decay = 0.9
   e = config.evaluate
+  e.generators = ("diffusion",)  # the demo also evaluates the flow (tests/test_flow_stage.py)
   e.num_samples, e.batch_size, e.probe_train_examples, e.probe_steps = 8, 8, 16, 10
   e.grid_per_class = 2
   e.unguided.num_steps = e.guided.num_steps = 3

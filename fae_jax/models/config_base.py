@@ -23,3 +23,28 @@ class JsonConfig:
     if unknown:
       raise ValueError(f"Unknown {cls.__name__} keys {unknown}; valid keys are {sorted(known)}.")
     return cls(**d)
+
+
+class LatentGridConfig(JsonConfig):
+  """Derived sizes of a class-conditional generator over a square latent grid.
+
+  Needs the fields `width`, `num_heads`, `input_size`, `patch_size` and `num_classes`.
+  """
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def grid_size(self) -> int:
+    """Tokens per side, `input_size / patch_size`."""
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def null_class(self) -> int:
+    """The label of the unconditional (dropped) class, one past the real ones."""
+    return self.num_classes

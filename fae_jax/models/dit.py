@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fae_jax.models import layers
-from fae_jax.models.config_base import JsonConfig
+from fae_jax.models.config_base import LatentGridConfig
 
 Dtype = Any
 
@@ -86,7 +86,7 @@ _zeros = nn.initializers.zeros
 
 
 @dataclasses.dataclass(frozen=True)
-class DitConfig(JsonConfig):
+class DitConfig(LatentGridConfig):
   """Shape of a SiT / LightningDiT generator. Defaults: LightningDiT-XL/1 on 16x16x32 latents.
 
   Attributes:
@@ -159,25 +159,8 @@ class DitConfig(JsonConfig):
       raise ValueError("DitConfig needs num_classes >= 0 and 0 <= class_dropout <= 1.")
 
   @property
-  def head_dim(self) -> int:
-    return self.width // self.num_heads
-
-  @property
-  def grid_size(self) -> int:
-    """Tokens per side, `input_size / patch_size`."""
-    return self.input_size // self.patch_size
-
-  @property
-  def num_tokens(self) -> int:
-    return self.grid_size**2
-
-  @property
   def out_channels(self) -> int:
     return 2 * self.in_channels if self.learn_sigma else self.in_channels
-
-  @property
-  def null_class(self) -> int:
-    return self.num_classes
 
   def block_config(self) -> layers.BlockConfig:
     hidden = layers.ffn_hidden_dim(self.ffn, self.width, self.mlp_ratio)

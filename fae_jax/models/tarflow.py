@@ -98,7 +98,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fae_jax.models import layers
-from fae_jax.models.config_base import JsonConfig
+from fae_jax.models.config_base import LatentGridConfig
 
 Dtype = Any
 
@@ -112,7 +112,7 @@ _INV_SOFTPLUS_1 = math.log(math.e - 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class FlowConfig(JsonConfig):
+class FlowConfig(LatentGridConfig):
   """Shape of a TarFlow/STARFlow model. Defaults: STARFlow's class-conditional ImageNet 1.4B.
 
   Attributes:
@@ -190,20 +190,7 @@ class FlowConfig(JsonConfig):
     if self.noise_sigma < 0 or self.soft_clip < 0:
       raise ValueError("FlowConfig needs noise_sigma >= 0 and soft_clip >= 0.")
 
-  # --- derived sizes -------------------------------------------------------------------------
-
-  @property
-  def head_dim(self) -> int:
-    return self.width // self.num_heads
-
-  @property
-  def grid_size(self) -> int:
-    """Tokens per side, `input_size / patch_size`."""
-    return self.input_size // self.patch_size
-
-  @property
-  def num_tokens(self) -> int:
-    return self.grid_size**2
+  # --- derived sizes (head_dim, grid_size, num_tokens, null_class: LatentGridConfig) ----------
 
   @property
   def token_dim(self) -> int:
@@ -218,10 +205,6 @@ class FlowConfig(JsonConfig):
   def num_prefix(self) -> int:
     """Class tokens before the deep block's sequence (1 if class-conditional)."""
     return 1 if self.num_classes > 0 else 0
-
-  @property
-  def null_class(self) -> int:
-    return self.num_classes
 
   @property
   def compute_dtype(self) -> Dtype:

@@ -297,3 +297,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow.sample.denoise = True
   c.flow.sample.cache = True  # KV-cached inverse (False: recompute per token, the reference)
   return c
+
+
+# Ablations (launch/sweep.py, PAPER.md): adapter depth and latent channels. Each point reruns
+# `fae` on the shared converted encoder and feature cache.
+SWEEP_STAGES = {"shared": ("convert", "encode"), "point": ("fae",)}
+
+
+def sweep(name: str) -> list[dict]:
+  """The points of sweep `name`: one dict per point, dotted config field -> value."""
+  if name == "adapter_depth":
+    return [{"fae.model.adapter_depth": d} for d in (0, 1, 2, 6)]
+  if name == "latent_channels":
+    return [{"fae.model.latent_dim": c} for c in (8, 16, 32, 48, 64)]
+  raise ValueError(f"Unknown sweep {name!r}; choose 'adapter_depth' or 'latent_channels'.")

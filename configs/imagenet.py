@@ -73,12 +73,5 @@ def get_config(arg: str | None = None):
 
 
 # Ablations (launch/sweep.py), PAPER.md: adapter depth and latent channels.
-SWEEP_STAGES = {"shared": ("convert", "encode"), "point": ("fae",)}
-
-
-def sweep(name: str) -> list[dict]:
-  if name == "adapter_depth":
-    return [{"fae.model.adapter_depth": d} for d in (0, 1, 2, 6)]
-  if name == "latent_channels":
-    return [{"fae.model.latent_dim": c} for c in (8, 16, 32, 48, 64)]
-  raise ValueError(f"Unknown sweep {name!r}; choose 'adapter_depth' or 'latent_channels'.")
+SWEEP_STAGES = common.SWEEP_STAGES
+sweep = common.sweep

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from fae_jax import fileio
 
 PARAMS_NAME = "params"
 
@@ -36,9 +37,9 @@ def save_params(
   directory = epath.Path(directory)
   if directory.exists():
     raise FileExistsError(f"{directory} already exists; delete it to write it again.")
-  tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+  tmp = fileio.temp_path(directory)
   if tmp.exists():
-    shutil.rmtree(tmp)
+    tmp.rmtree()
   tmp.mkdir(parents=True)
   params = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
   meta = dict(meta)

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 from etils import epath
 
+from fae_jax.fileio import write_json_atomic
+
 REPORT_NAME = "report.json"
 
 
@@ -21,13 +23,6 @@ def read_report(workdir: str | os.PathLike) -> dict[str, Any]:
   if not path.exists():
     return {}
   return json.loads(path.read_text())
-
-
-def write_json_atomic(path: epath.Path, obj: Any) -> None:
-  """Writes JSON to a temporary sibling and renames it, so readers never see half a file."""
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-  tmp.replace(path)
 
 
 def update_report(

@@ -63,8 +63,16 @@ def num_batch_shards(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
+def key_name(key: Any) -> str:
+  """The name of one pytree path entry (`DictKey.key`, `GetAttrKey.name`, `SequenceKey.idx`)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return "/".join(key_name(k) for k in path)
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:
@@ -143,3 +151,37 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh, what: str) -> None
       f"{what}: global batch {global_batch_size} is not divisible by the "
       f"{jax.process_count()} processes."
     )
+
+
+def _path_key(path) -> tuple[tuple[str, str], ...]:
+  return tuple((type(k).__name__, key_name(k)) for k in path)
+
+
+def opt_state_shardings(
+  abstract_opt_state: Any, abstract_params: Any, param_shardings: Any, mesh: Mesh
+) -> Any:
+  """Shardings for an optax state: each parameter-shaped leaf gets its parameter's sharding.
+
+  A state leaf belongs to parameter `p` when `p`'s tree path is a suffix of the leaf's path and
+  the shapes agree (Adam's `mu`/`nu` hold `.../mu/<param path>`); everything else (counts,
+  factored statistics) is replicated. Path matching instead of `optax.tree_map_params` because
+  the latter cannot trace through `optax.masked` (the weight-decay mask).
+  """
+  is_sharding = lambda x: isinstance(x, NamedSharding)  # noqa: E731
+  flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_shardings = jax.tree.leaves(param_shardings, is_leaf=is_sharding)
+  by_path = {
+    _path_key(path): (tuple(leaf.shape), s)
+    for (path, leaf), s in zip(flat_params, flat_shardings, strict=True)
+  }
+  replicated_sharding = replicated(mesh)
+
+  def pick(path, leaf):
+    key = _path_key(path)
+    for start in range(len(key)):
+      hit = by_path.get(key[start:])
+      if hit is not None and hit[0] == tuple(leaf.shape):
+        return hit[1]
+    return replicated_sharding
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fae_jax.models import dit
+from fae_jax.models import dit, layers
 
 TINY = dit.DitConfig(
   input_size=4,
@@ -180,11 +180,11 @@ def test_shapes_with_odd_channel_counts():
 
 def test_patchify_round_trip():
   x = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
-  tokens = dit.patchify(jnp.asarray(x), 2)
+  tokens = layers.patchify(jnp.asarray(x), 2)
   assert tokens.shape == (2, 4, 12)
   # Token 1 is the top-right 2x2 patch, flattened (dy, dx, c).
   np.testing.assert_array_equal(tokens[0, 1], x[0, 0:2, 2:4].reshape(-1))
-  np.testing.assert_array_equal(dit.unpatchify(tokens, 2, 2), x)
+  np.testing.assert_array_equal(layers.unpatchify(tokens, 2, 2), x)
 
 
 def test_rope_no_change_at_init_but_breaks_permutation_equivariance():

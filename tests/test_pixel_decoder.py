@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fae_jax.models import layers
 from fae_jax.models import pixel_decoder as pd
 
 
@@ -28,12 +29,12 @@ def _tiny(**overrides) -> pd.PixelDecoderConfig:
 def test_patchify_unpatchify_round_trip(p, c, grid):
   rng = np.random.default_rng(0)
   images = rng.normal(size=(2, grid[0] * p, grid[1] * p, c)).astype(np.float32)
-  tokens = pd.patchify(jnp.asarray(images), p)
+  tokens = layers.patchify(jnp.asarray(images), p)
   assert tokens.shape == (2, grid[0] * grid[1], p * p * c)
-  np.testing.assert_array_equal(np.asarray(pd.unpatchify(tokens, grid, p, c)), images)
+  np.testing.assert_array_equal(np.asarray(layers.unpatchify(tokens, p, grid, c)), images)
   t = rng.normal(size=tokens.shape).astype(np.float32)
   np.testing.assert_array_equal(
-    np.asarray(pd.patchify(pd.unpatchify(jnp.asarray(t), grid, p, c), p)), t
+    np.asarray(layers.patchify(layers.unpatchify(jnp.asarray(t), p, grid, c), p)), t
   )
   # Layout: token i * w + j is the (i, j) patch, flattened in (py, px, c) order.
   i, j = grid[0] - 1, grid[1] - 1
@@ -43,9 +44,9 @@ def test_patchify_unpatchify_round_trip(p, c, grid):
 
 def test_patchify_rejects_bad_shapes():
   with pytest.raises(ValueError, match="not divisible by patch size 4"):
-    pd.patchify(jnp.zeros((1, 6, 8, 3)), 4)
+    layers.patchify(jnp.zeros((1, 6, 8, 3)), 4)
   with pytest.raises(ValueError, match=r"expects tokens \[B, 6, 48\]"):
-    pd.unpatchify(jnp.zeros((1, 6, 47)), (2, 3), 4, 3)
+    layers.unpatchify(jnp.zeros((1, 6, 47)), 4, (2, 3), 3)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 
 from fae_jax.losses import pixel
 from fae_jax.models import discriminator as disc
+from fae_jax.models import layers
 from fae_jax.models import pixel_decoder as pd
 
 _TINY_D = disc.DiscriminatorConfig(base_channels=4, num_layers=2, num_groups=4)
@@ -188,7 +189,7 @@ def test_dino_feature_loss():
   proj = jnp.asarray(np.random.default_rng(5).normal(size=(4 * 4 * 3, 6)), jnp.float32)
 
   def encode(images):  # a stand-in frozen encoder: 4x4 patches -> linear features [B, 16, 6]
-    return pd.patchify(images, 4) @ proj
+    return layers.patchify(images, 4) @ proj
 
   target, recon = _images(0), _images(1)
   want = np.mean(np.square(np.asarray(encode(recon)) - np.asarray(encode(target))))

@@ -127,10 +127,10 @@ def test_imagenet_layout_params_and_flops():
 
 def test_patchify_round_trip():
   x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
-  t = tf.patchify(x, 2)
+  t = layers.patchify(x, 2)
   assert t.shape == (2, 4, 12)
   np.testing.assert_array_equal(np.asarray(t[0, 1, :3]), np.asarray(x[0, 0, 2]))
-  np.testing.assert_array_equal(np.asarray(tf.unpatchify(t, 2, 2)), np.asarray(x))
+  np.testing.assert_array_equal(np.asarray(layers.unpatchify(t, 2, 2)), np.asarray(x))
 
 
 def test_guide_affine_is_the_guided_gaussian():
@@ -208,7 +208,7 @@ def jacobians(f64):
     }
 
   with jax.enable_x64(True):
-    tokens = tf.patchify(x, c.patch_size)[0]
+    tokens = layers.patchify(x, c.patch_size)[0]
     out = _jit(compute)(tokens, x[0])
     yield jax.tree.map(np.asarray, out)
 

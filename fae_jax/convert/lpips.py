@@ -21,22 +21,18 @@ This module imports torch only inside `convert_lpips_files` (to read `.pth` file
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
+from fae_jax import params_store
 from fae_jax.models.lpips import VGG16_STAGE_CHANNELS, Lpips, conv_channels
 
 META_NAME = "lpips.json"
-PARAMS_NAME = "params"
 VGG_IGNORED_PREFIXES = ("classifier.",)
 
 ParamTree = dict[str, Any]
@@ -185,27 +181,9 @@ def _load_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_lpips(directory: str | os.PathLike, params: Any, source: dict[str, Any]) -> dict[str, Any]:
-  """Writes `params/` + `lpips.json` atomically; returns the metadata."""
-  directory = epath.Path(directory)
-  if directory.exists():
-    raise FileExistsError(f"{directory} already exists; delete it to convert again.")
-  tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir(parents=True)
-  params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save((tmp / PARAMS_NAME).resolve(), params)
-    ckptr.wait_until_finished()
-  meta = {
-    "model": "lpips_vgg",
-    "version": "0.1",
-    "source": dict(source),
-    "num_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))),
-  }
-  (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-  tmp.rename(directory)
-  return meta
+  """Writes `params/` + `lpips.json` atomically (`fae_jax.params_store`); returns the metadata."""
+  meta = {"model": "lpips_vgg", "version": "0.1", "source": dict(source)}
+  return params_store.save_params(directory, params, meta, META_NAME)
 
 
 def convert_lpips_files(
@@ -237,19 +215,9 @@ def convert_lpips_files(
 
 def load_lpips(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
   """Returns `(params, metadata)` of a converted LPIPS (numpy float32 leaves)."""
-  directory = epath.Path(directory)
-  meta_path = directory / META_NAME
-  if not meta_path.exists():
-    raise FileNotFoundError(
-      f"No converted LPIPS at {directory} ({META_NAME} missing). Run "
-      "`python -m fae_jax.convert lpips --vgg=vgg16-397923af.pth --lin=vgg.pth --out=DIR`."
-    )
-  meta = json.loads(meta_path.read_text())
-  path = (directory / PARAMS_NAME).resolve()
-  with ocp.StandardCheckpointer() as ckptr:
-    abstract = ckptr.metadata(path).item_metadata
-    if hasattr(abstract, "tree"):
-      abstract = abstract.tree
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), abstract)
-    params = ckptr.restore(path, target)
-  return params, meta
+  meta = params_store.load_meta(
+    directory,
+    META_NAME,
+    "Run `python -m fae_jax.convert lpips --vgg=vgg16-397923af.pth --lin=vgg.pth --out=DIR`.",
+  )
+  return params_store.load_params(directory), meta

@@ -28,7 +28,7 @@ stored by their numpy name (`"bfloat16"` resolves through `ml_dtypes`).
 order) and the caller's free-form, JSON-serialisable `metadata` (encoder hash and config,
 preprocessing, split, dataset name, ...), so a reader decodes without the writer's code.
 
-Atomicity and resume: a shard is written to `<final name>.tmp-<pid>`, closed, then renamed. On
+Atomicity and resume: a shard is written to `.<final name>.tmp-<pid>`, closed, then renamed. On
 restart a writer skips the shards whose final file exists with the expected record count and
 deletes its own leftover temp files. While the cache is incomplete, each process also leaves a
 `writer-<process_index>.json` signature (spec, sizes, metadata); a writer whose signature differs
@@ -54,6 +54,8 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy, so np.dtyp
 import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 from etils import epath
+
+from fae_jax import fileio
 
 FORMAT = "fae_jax.array_cache"
 VERSION = 1
@@ -170,12 +172,6 @@ def _check_metadata(
       )
 
 
-def _write_json_atomically(path: epath.Path, value: Any) -> None:
-  tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-  tmp.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
-  tmp.replace(path)
-
-
 def _num_records(path: epath.Path) -> int:
   reader = array_record_module.ArrayRecordReader(os.fspath(path))
   try:
@@ -196,7 +192,7 @@ class ShardWriter:
     self.shard = shard
     self.start, self.end = cache.shard_range(shard)
     self.path = cache.shard_path(shard)
-    self._tmp = self.path.parent / f"{self.path.name}.tmp-{os.getpid()}"
+    self._tmp = fileio.temp_path(self.path)
     self._writer = None
     self.count = 0
 
@@ -312,11 +308,15 @@ class CacheWriter:
       return
     for path in sorted(self.directory.glob("writer-*.json")):
       self._check_signature(json.loads(path.read_text()), path.name)
-    _write_json_atomically(self.directory / f"writer-{process_index:05d}.json", signature)
+    fileio.write_json_atomic(
+      self.directory / f"writer-{process_index:05d}.json", signature, sort_keys=False
+    )
     # Only this process's files: another host may be writing its own temp files right now.
-    patterns = [f"{shard_name(s, self.num_shards)}.tmp-*" for s in self._owned_shards()]
+    # `.<name>.tmp-*` (fae_jax.fileio) and `<name>.tmp-*` (caches written before it).
+    names = [shard_name(s, self.num_shards) for s in self._owned_shards()]
     if process_index == 0:
-      patterns.append(f"{MANIFEST}.tmp-*")
+      names.append(MANIFEST)
+    patterns = [f"{dot}{name}.tmp-*" for name in names for dot in ("", ".")]
     for pattern in patterns:
       for tmp in self.directory.glob(pattern):
         tmp.unlink(missing_ok=True)
@@ -410,7 +410,7 @@ class CacheWriter:
       "spec": _spec_to_json(self.fields),
       "metadata": self.metadata,
     }
-    _write_json_atomically(self.directory / MANIFEST, manifest)
+    fileio.write_json_atomic(self.directory / MANIFEST, manifest, sort_keys=False)
     for path in self.directory.glob("writer-*.json"):
       path.unlink(missing_ok=True)
 

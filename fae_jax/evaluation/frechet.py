@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from fae_jax import fileio
+
 PoolMode = Literal["cls", "mean_patch"]
 
 
@@ -69,11 +71,7 @@ class FeatureStats:
     np.savez(
       buf, mu=self.mean, sigma=self.cov, count=np.int64(-1 if self.count is None else self.count)
     )
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    fileio.write_bytes_atomic(path, buf.getvalue())
 
   @classmethod
   def load_npz(cls, path: str | os.PathLike) -> FeatureStats:

@@ -17,6 +17,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from fae_jax import fileio
+
 
 def to_uint8(images: np.ndarray | jax.Array) -> np.ndarray:
   """Maps floats in `[-1, 1]` to uint8 `[0, 255]`: `round((x + 1) * 127.5)`, clipped.
@@ -141,11 +143,7 @@ def save_png(path: str | os.PathLike, grid: np.ndarray) -> None:
     raise ValueError(f"save_png: expected [H, W, 3], [H, W, 4] or [H, W], got {grid.shape}.")
   buf = io.BytesIO()
   Image.fromarray(np.ascontiguousarray(grid)).save(buf, format="PNG")
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_bytes(buf.getvalue())
-  tmp.replace(path)
+  fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 def load_png(path: str | os.PathLike) -> np.ndarray:

@@ -216,7 +216,7 @@ class DitConfig(LatentGridConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Fixed embeddings and (un)patchify.
+# Fixed embeddings.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -253,21 +253,6 @@ def timestep_features(t: jax.Array, dim: int, *, scale: float = 1000.0) -> jax.A
   freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
   angles = (scale * t.astype(jnp.float32))[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
-
-
-def patchify(x: jax.Array, p: int) -> jax.Array:
-  """`[B, h, w, c] -> [B, (h/p) (w/p), p p c]`, tokens row-major, each patch `(dy, dx, c)`."""
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(x: jax.Array, p: int, grid: int) -> jax.Array:
-  """Inverse of `patchify`: `[B, grid^2, p p c] -> [B, grid p, grid p, c]`."""
-  b, _, d = x.shape
-  c = d // (p * p)
-  x = x.reshape(b, grid, grid, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, grid * p, grid * p, c)
 
 
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -430,7 +415,7 @@ class Dit(nn.Module):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
     y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (b,))
 
-    tokens = patchify(x.astype(jnp.float32), c.patch_size)
+    tokens = layers.patchify(x.astype(jnp.float32), c.patch_size)
     h = nn.Dense(
       c.width, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="x_embedder"
     )(tokens).astype(jnp.float32)
@@ -457,7 +442,7 @@ class Dit(nn.Module):
       h = block_cls(c, dtype=self.dtype, name=f"blocks_{i}")(h, cond, rope)
 
     out = FinalLayer(c, dtype=self.dtype, name="final_layer")(h, cond)
-    out = unpatchify(out, c.patch_size, c.grid_size)
+    out = layers.unpatchify(out, c.patch_size, c.grid_size)
     return out[..., : c.in_channels]
 
 

@@ -120,6 +120,43 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
+def patchify(x: jax.Array, patch_size: int) -> jax.Array:
+  """`[B, H, W, C] -> [B, (H/p) * (W/p), p * p * C]`.
+
+  Tokens are row-major over the patch grid; inside a patch the order is `(py, px, c)`.
+  `unpatchify` is its exact inverse. One layout for every model (DiT, TarFlow, pixel decoder).
+  """
+  if x.ndim != 4:
+    raise ValueError(f"patchify expects images [B, H, W, C], got {tuple(x.shape)}.")
+  b, height, width, c = x.shape
+  p = patch_size
+  if height % p or width % p:
+    raise ValueError(f"patchify: image {height}x{width} is not divisible by patch size {p}.")
+  h, w = height // p, width // p
+  x = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * w, p * p * c)
+
+
+def unpatchify(
+  tokens: jax.Array, patch_size: int, grid: int | tuple[int, int], channels: int | None = None
+) -> jax.Array:
+  """`[B, h * w, p * p * C] -> [B, h * p, w * p, C]`; the exact inverse of `patchify`.
+
+  `grid` is `(h, w)` or `h` for a square grid; `channels` defaults to what the width implies.
+  """
+  h, w = (grid, grid) if isinstance(grid, int) else tuple(grid)
+  p = patch_size
+  c = tokens.shape[-1] // (p * p) if channels is None else channels
+  if tokens.ndim != 3 or tokens.shape[1] != h * w or tokens.shape[2] != p * p * c:
+    raise ValueError(
+      f"unpatchify expects tokens [B, {h * w}, {p * p * c}] (grid {(h, w)}, patch {p}, "
+      f"{c} channels), got {tuple(tokens.shape)}."
+    )
+  b = tokens.shape[0]
+  x = tokens.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c)
+
+
 class LayerScale(nn.Module):
   """Per-channel learned scale (`ls1.gamma` in DINOv2)."""
 

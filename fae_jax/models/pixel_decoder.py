@@ -186,39 +186,6 @@ class PixelDecoderConfig(JsonConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-  """`[B, H, W, C] -> [B, (H/p) * (W/p), p * p * C]`.
-
-  Tokens are row-major over the patch grid; inside a patch the order is `(py, px, c)`.
-  `unpatchify` is its exact inverse.
-  """
-  if images.ndim != 4:
-    raise ValueError(f"patchify expects images [B, H, W, C], got {tuple(images.shape)}.")
-  b, height, width, c = images.shape
-  p = patch_size
-  if height % p or width % p:
-    raise ValueError(f"patchify: image {height}x{width} is not divisible by patch size {p}.")
-  h, w = height // p, width // p
-  x = images.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, h * w, p * p * c)
-
-
-def unpatchify(
-  tokens: jax.Array, grid: tuple[int, int], patch_size: int, channels: int = 3
-) -> jax.Array:
-  """`[B, h * w, p * p * C] -> [B, h * p, w * p, C]`; the exact inverse of `patchify`."""
-  h, w = grid
-  p = patch_size
-  if tokens.ndim != 3 or tokens.shape[1] != h * w or tokens.shape[2] != p * p * channels:
-    raise ValueError(
-      f"unpatchify expects tokens [B, {h * w}, {p * p * channels}] (grid {grid}, patch {p}, "
-      f"{channels} channels), got {tuple(tokens.shape)}."
-    )
-  b = tokens.shape[0]
-  x = tokens.reshape(b, h, w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, h * p, w * p, channels)
-
-
 # ----------------------------------------------------------------------------------------------
 # Feature noise.
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +282,7 @@ class PixelDecoder(nn.Module):
     x = nn.Dense(
       c.patch_dim, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="head"
     )(x)
-    return unpatchify(x.astype(jnp.float32), c.grid, c.patch_size, c.channels)
+    return layers.unpatchify(x.astype(jnp.float32), c.patch_size, c.grid, c.channels)
 
 
 # ----------------------------------------------------------------------------------------------

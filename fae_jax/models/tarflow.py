@@ -243,23 +243,6 @@ class FlowConfig(LatentGridConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-def patchify(x: jax.Array, patch_size: int) -> jax.Array:
-  """`[B, h, w, c] -> [B, (h/p)(w/p), p*p*c]`, raster order, channels `(p1, p2, c)`."""
-  b, h, w, c = x.shape
-  p = patch_size
-  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(x: jax.Array, patch_size: int, grid_size: int) -> jax.Array:
-  """Inverse of `patchify`: `[B, T, p*p*c] -> [B, h, w, c]`."""
-  b = x.shape[0]
-  p, g = patch_size, grid_size
-  c = x.shape[-1] // (p * p)
-  x = x.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, g * p, g * p, c)
-
-
 def log_scale_from_raw(raw: jax.Array, scale_param: str, soft_clip: float) -> jax.Array:
   """Raw network output -> log-scale `a` (`z = (x - mu) * exp(-a)`); dtype of `raw`."""
   if soft_clip > 0:
@@ -572,13 +555,13 @@ class TarFlow(nn.Module):
     `(z [B, h, w, c], logdet [B])`, both in the out dtype (float32 unless float64)."""
     self._check(x, "forward")
     c = self.config
-    h = patchify(x.astype(c.out_dtype), c.patch_size)
+    h = layers.patchify(x.astype(c.out_dtype), c.patch_size)
     logdet = jnp.zeros((x.shape[0],), c.out_dtype)
     for blk in self.shallow:
       h, ld = blk(h)
       logdet = logdet + ld
     h, ld = self.deep(h, y)
-    return unpatchify(h, c.patch_size, c.grid_size), logdet + ld
+    return layers.unpatchify(h, c.patch_size, c.grid_size), logdet + ld
 
   def __call__(self, x: jax.Array, y: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     return self.forward(x, y)
@@ -606,11 +589,11 @@ class TarFlow(nn.Module):
     """
     self._check(z, "inverse")
     c = self.config
-    h = patchify(z.astype(c.out_dtype) * temperature, c.patch_size)
+    h = layers.patchify(z.astype(c.out_dtype) * temperature, c.patch_size)
     h = self.deep.inverse(h, y, cache=cache, guidance=guidance)
     for blk in reversed(self.shallow):
       h = blk.inverse(h, cache=cache)
-    return unpatchify(h, c.patch_size, c.grid_size)
+    return layers.unpatchify(h, c.patch_size, c.grid_size)
 
 
 # ----------------------------------------------------------------------------------------------

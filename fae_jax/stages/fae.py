@@ -36,6 +36,7 @@ from fae_jax.report import write_json_atomic
 from fae_jax.stages import encode
 from fae_jax.stages.context import StageContext
 from fae_jax.train import loop
+from fae_jax.train import metrics as train_metrics
 
 NAME = "fae"
 EXPORT = "export"
@@ -247,7 +248,7 @@ def run(ctx: StageContext) -> dict:
     extra = (enc_params,)
 
   def eval_fn(state):
-    params = state.ema_params if state.ema_params is not None else state.params
+    params = state.final_params()
     return evaluate(ctx, model, params, encoder, probe=False)
 
   t0 = time.time()
@@ -266,7 +267,7 @@ def run(ctx: StageContext) -> dict:
     saved_config=config,
   )
   train_seconds = time.time() - t0
-  final = state.ema_params if state.ema_params is not None else state.params
+  final = state.final_params()
   export_dir = ctx.stage_dir(NAME) / EXPORT
   if jax.process_index() == 0 and not params_store.exists(export_dir, EXPORT_META):
     params_store.save_params(
@@ -275,7 +276,7 @@ def run(ctx: StageContext) -> dict:
       {
         "model": "fae",
         "config": mcfg.to_dict(),
-        "weights": "ema" if state.ema_params is not None else "raw",
+        "weights": state.final_weights,
         "step": int(state.step),
         "encoder_fingerprint": enc_meta["fingerprint"],
       },
@@ -294,7 +295,7 @@ def run(ctx: StageContext) -> dict:
       "export": str(export_dir),
     }
   )
-  results.update(loop.logged_loss_curve(ctx.stage_dir(NAME)))
+  results.update(train_metrics.logged_loss_curve(ctx.stage_dir(NAME)))
   if jax.process_index() == 0:
     write_json_atomic(ctx.stage_dir(NAME) / RESULTS, results)
   logging.info("fae results: %s", json.dumps(results, sort_keys=True))

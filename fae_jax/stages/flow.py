@@ -30,7 +30,7 @@ from fae_jax.flows import objective
 from fae_jax.models import tarflow
 from fae_jax.stages import latent_generator as generator
 from fae_jax.stages.context import StageContext
-from fae_jax.train import loop
+from fae_jax.train import metrics as train_metrics
 
 NAME = "flow"
 EXPORT_META = generator.EXPORT_META
@@ -110,7 +110,9 @@ def run(ctx: StageContext) -> dict:
     f"TarFlow width {mcfg.width}, deep {mcfg.deep_depth} + {mcfg.num_shallow}x"
     f"{mcfg.shallow_depth} layers, patch {mcfg.patch_size}"
   )
-  bpd = loop.logged_loss_curve(generator.StageDirs(ctx.workdir, NAME).root, key="train/bpd")
+  bpd = train_metrics.logged_loss_curve(
+    generator.StageDirs(ctx.workdir, NAME).root, key="train/bpd"
+  )
   if bpd:
     result["bits_per_dim_first"] = bpd["train_loss_first"]
     result["bits_per_dim"] = bpd["train_loss_last"]

@@ -26,6 +26,7 @@ from fae_jax.data import pipeline, sources
 from fae_jax.stages import latents as latents_stage
 from fae_jax.stages.context import StageContext
 from fae_jax.train import loop
+from fae_jax.train import metrics as train_metrics
 
 LATENT_FIELDS = ("mean", "std", "mean_flip", "std_flip", "label")
 EXPORT_META = "model.json"
@@ -108,7 +109,7 @@ def train_and_export(
     saved_config=config,
   )
   seconds = time.time() - t0
-  final = state.ema_params if state.ema_params is not None else state.params
+  final = state.final_params()
   dirs = StageDirs(ctx.workdir, stage)
   if jax.process_index() == 0 and not params_store.exists(dirs.export, EXPORT_META):
     params_store.save_params(
@@ -116,7 +117,7 @@ def train_and_export(
       final,
       {
         **export_meta,
-        "weights": "ema" if state.ema_params is not None else "raw",
+        "weights": state.final_weights,
         "step": int(state.step),
         "latent_stats": {k: np.asarray(v).tolist() for k, v in stats.items()},
       },
@@ -126,5 +127,5 @@ def train_and_export(
     "steps": int(state.step),
     "train_seconds": round(seconds, 1),
     "num_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(final))),
-    **loop.logged_loss_curve(dirs.root),
+    **train_metrics.logged_loss_curve(dirs.root),
   }

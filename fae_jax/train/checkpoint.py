@@ -32,21 +32,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from fae_jax import sharding
+
 ITEMS = ("state", "data", "config")
 _policies = ocp.checkpoint_managers
-
-
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 
 
 def tree_names(tree: Any) -> dict[str, Any]:
   """`{"params.a.kernel": leaf}`: leaves by dotted path (Orbax's parameter naming)."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+  return {".".join(sharding.key_name(k) for k in path): leaf for path, leaf in flat}
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -35,7 +35,6 @@ checkpoint of the broken state is written.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -48,10 +47,11 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from fae_jax import sharding as sharding_lib
 from fae_jax.train import checkpoint as ckpt_lib
+from fae_jax.train import metrics as metrics_lib
 from fae_jax.train import mfu as mfu_lib
 from fae_jax.train import optim
 from fae_jax.train.state import TrainState, ema_decay_at, raw_key, update_ema
@@ -103,40 +103,6 @@ class Preempted(SystemExit):
     self.step = step
 
 
-def _path_key(path) -> tuple[tuple[str, str], ...]:
-  return tuple((type(k).__name__, ckpt_lib._key_name(k)) for k in path)
-
-
-def opt_state_shardings(
-  abstract_opt_state: Any, abstract_params: Any, param_shardings: Any, mesh: Mesh
-) -> Any:
-  """Shardings for an optax state: each parameter-shaped leaf gets its parameter's sharding.
-
-  A state leaf belongs to parameter `p` when `p`'s tree path is a suffix of the leaf's path and
-  the shapes agree (Adam's `mu`/`nu` hold `.../mu/<param path>`); everything else (counts,
-  factored statistics) is replicated. Path matching instead of `optax.tree_map_params` because
-  the latter cannot trace through `optax.masked` (the weight-decay mask).
-  """
-  is_sharding = lambda x: isinstance(x, NamedSharding)  # noqa: E731
-  flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  flat_shardings = jax.tree.leaves(param_shardings, is_leaf=is_sharding)
-  by_path = {
-    _path_key(path): (tuple(leaf.shape), s)
-    for (path, leaf), s in zip(flat_params, flat_shardings, strict=True)
-  }
-  replicated = sharding_lib.replicated(mesh)
-
-  def pick(path, leaf):
-    key = _path_key(path)
-    for start in range(len(key)):
-      hit = by_path.get(key[start:])
-      if hit is not None and hit[0] == tuple(leaf.shape):
-        return hit[1]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
-
-
 def _make_init_fn(
   init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, use_ema: bool
 ) -> Callable[[jax.Array, jax.Array], TrainState]:
@@ -180,7 +146,7 @@ def abstract_train_state(
   shardings = TrainState(
     step=replicated,
     params=param_sh,
-    opt_state=opt_state_shardings(abstract.opt_state, abstract.params, param_sh, mesh),
+    opt_state=sharding_lib.opt_state_shardings(abstract.opt_state, abstract.params, param_sh, mesh),
     ema_params=param_sh if abstract.ema_params is not None else None,
     rng=replicated,
   )
@@ -264,58 +230,6 @@ def make_train_step(
     out_shardings=(shardings, sharding_lib.replicated(mesh)),
     donate_argnums=(0,),
   )
-
-
-def logged_loss_curve(stage_dir: epath.PathLike, key: str = "train/loss") -> dict[str, float]:
-  """First and last logged values of `key` from `<stage_dir>/train_log.jsonl` ({} if none)."""
-  path = epath.Path(stage_dir) / "train_log.jsonl"
-  if not path.exists():
-    return {}
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  values = [r[key] for r in rows if key in r]
-  if not values:
-    return {}
-  return {"train_loss_first": float(values[0]), "train_loss_last": float(values[-1])}
-
-
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends scalars as JSON lines to `<stage>/train_log.jsonl`: a log that needs no TensorBoard
-  to read, from which stages and sweeps summarise loss curves."""
-
-  def __init__(self, path: epath.Path):
-    self._path = path
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_scalars(self, step, scalars):
-    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    with self._path.open("a") as f:
-      f.write(json.dumps(row) + "\n")
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
 
 
 @contextlib.contextmanager
@@ -473,7 +387,9 @@ def _run(
   writer = metric_writers.create_default_writer(stage_dir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    writer = metric_writers.MultiWriter([writer, JsonlWriter(stage_dir / "train_log.jsonl")])
+    writer = metric_writers.MultiWriter(
+      [writer, metrics_lib.JsonlWriter(stage_dir / metrics_lib.LOG_NAME)]
+    )
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   start_step = step = int(jax.device_get(state.step))
   logging.info("%s: training steps %d -> %d.", stage, start_step, num_steps)

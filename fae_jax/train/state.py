@@ -31,6 +31,15 @@ class TrainState(flax.struct.PyTreeNode):
   def step_rng(self) -> jax.Array:
     return jax.random.fold_in(self.rng, self.step)
 
+  def final_params(self) -> Any:
+    """The weights to evaluate and export: the EMA when the run keeps one, else `params`."""
+    return self.ema_params if self.ema_params is not None else self.params
+
+  @property
+  def final_weights(self) -> str:
+    """What `final_params` holds, as exports record it: 'ema' or 'raw'."""
+    return "ema" if self.ema_params is not None else "raw"
+
 
 def raw_key(key: jax.Array | int) -> jax.Array:
   """Raw uint32 key data from a seed, a typed key or raw key data."""

@@ -5,7 +5,7 @@
       --shallow-depth=2 --num-shallow=5 --batch=64 --dtype=bfloat16   # ImageNet model, on a GPU/TPU
 
 Train step: the TarFlow objective (noise augmentation, label dropout, exact NLL) + AdamW on a
-fixed batch, jitted with donation. Sampling: the jitted sampler (`flows.sampling.make_sample_fn`)
+fixed batch, jitted with donation. Sampling: the jitted sampler (`flows.sampler.make_sample_fn`)
 with the KV cache, with guidance (two streams in the deep block) and, with `--with-reference`,
 without the cache (the recompute reference: T full passes per block, slow); all without the
 denoising step. tokens/s counts generated latent tokens (each passes through every flow block).
@@ -32,8 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from fae_jax.flows import objective, sampling  # noqa: E402
 from fae_jax.models import tarflow  # noqa: E402
+from fae_jax.tarflow import objective, sampler  # noqa: E402
 from fae_jax.train import mfu  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def main():
   on_cpu = device.platform == "cpu"
   dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
   size, channels = parse_latent(args.latent)
-  config = tarflow.FlowConfig(
+  config = tarflow.TarFlowConfig(
     input_size=size,
     in_channels=channels,
     patch_size=args.patch,
@@ -133,11 +133,11 @@ def main():
   labels = jnp.asarray(rng.integers(0, config.num_classes, sb), jnp.int32)
   key = jax.random.key(1)
   samplers = {
-    "cached": sampling.make_sample_fn(model, denoise_step=False),
-    "cached_guided": sampling.make_sample_fn(model, guidance=2.0, denoise_step=False),
+    "cached": sampler.make_sample_fn(model, denoise_step=False),
+    "cached_guided": sampler.make_sample_fn(model, guidance=2.0, denoise_step=False),
   }
   if args.with_reference:
-    samplers["no_cache"] = sampling.make_sample_fn(model, cache=False, denoise_step=False)
+    samplers["no_cache"] = sampler.make_sample_fn(model, cache=False, denoise_step=False)
   tokens = sb * config.num_tokens
   sample_results = {}
   for name, fn in samplers.items():

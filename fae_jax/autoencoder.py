@@ -14,7 +14,7 @@ x = ae.reconstruct(images)                    # decode(encode(images))
 * `decode` runs the FAE's feature decoder, the pixel decoder, resizes to the data resolution
   recorded in the export (e.g. 32 px decoder output -> 28 px Fashion-MNIST) and quantises like a
   saved image. It is the exact computation of the `pixel` stage's full-path evaluation (the same
-  jitted functions, `fae_jax.stages.pixel.make_inference_fns`).
+  jitted functions, `fae_jax.inference.make_inference_fns`).
 * Every weight is a jit argument; the first call per batch shape compiles.
 * Results are `jax.Array`s on the default device (`np.asarray` them for the host).
 """
@@ -30,10 +30,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from fae_jax import encoder_checkpoint
+from fae_jax import artifacts, encoder_checkpoint, inference
 from fae_jax.models.encoder import EncoderSpec
-from fae_jax.stages import fae as fae_stage
-from fae_jax.stages import pixel as pixel_stage
 
 
 class Autoencoder:
@@ -62,7 +60,7 @@ class Autoencoder:
     self._params = jax.device_put(
       {"encoder": encoder_params, "fae": fae_params, "decoder": decoder_params}
     )
-    self._fns = pixel_stage.make_inference_fns(
+    self._fns = inference.make_inference_fns(
       spec,
       fae_config,
       decoder_config,
@@ -98,13 +96,11 @@ class Autoencoder:
       ValueError: the parts were trained on different encoders.
     """
     workdir = epath.Path(workdir)
-    encoder_dir = epath.Path(encoder_dir) if encoder_dir else workdir / "encoder"
-    fae_dir = epath.Path(fae_dir) if fae_dir else workdir / fae_stage.NAME / fae_stage.EXPORT
-    pixel_dir = (
-      epath.Path(pixel_dir) if pixel_dir else workdir / pixel_stage.NAME / pixel_stage.EXPORT
-    )
-    decoder_params, decoder_config, meta = pixel_stage.load_export(pixel_dir)
-    fae_params, fae_config, fae_meta = fae_stage.load_export(fae_dir)
+    encoder_dir = epath.Path(encoder_dir) if encoder_dir else artifacts.encoder_dir(workdir)
+    fae_dir = epath.Path(fae_dir) if fae_dir else artifacts.export_dir(workdir, "fae")
+    pixel_dir = epath.Path(pixel_dir) if pixel_dir else artifacts.export_dir(workdir, "pixel")
+    decoder_params, decoder_config, meta = artifacts.load_export("pixel", pixel_dir)
+    fae_params, fae_config, fae_meta = artifacts.load_export("fae", fae_dir)
     if not encoder_checkpoint.is_saved(encoder_dir):
       raise FileNotFoundError(
         f"No converted encoder at {encoder_dir}: run the `convert` stage, or pass "

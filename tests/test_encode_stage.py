@@ -10,12 +10,11 @@ import pytest
 from etils import epath
 
 from configs import common, demo
-from fae_jax import encoder_checkpoint, main
+from fae_jax import artifacts, encoder_checkpoint, main
 from fae_jax.convert.encoder import random_params
-from fae_jax.data import array_cache
+from fae_jax.data import array_cache, feature_cache
 from fae_jax.models.dinov2 import Dinov2Config
 from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
-from fae_jax.stages import encode
 
 TINY = Dinov2Config(width=32, depth=2, num_heads=2, pos_grid=4, interpolate_offset=0.0)
 
@@ -49,8 +48,8 @@ def _read_all(directory):
 
 def _encode(config, workdir, tiny_encoder, **kwargs):
   _, params, meta = tiny_encoder
-  spec = encode.encoder_spec(config, TINY)
-  return encode.encode_split(
+  spec = artifacts.encoder_spec(config, TINY)
+  return feature_cache.encode_split(
     config, epath.Path(workdir), "train", params=params, spec=spec, encoder_meta=meta, **kwargs
   )
 
@@ -68,7 +67,7 @@ def test_saved_encoder_round_trip(tiny_encoder):
 def test_cache_holds_the_encoder_output(tmp_path, tiny_encoder):
   config = tiny_config(num_examples=12, per_shard=8)
   _encode(config, tmp_path, tiny_encoder)
-  cached = _read_all(encode.cache_dir(tmp_path, "train"))
+  cached = _read_all(feature_cache.cache_dir(tmp_path, "train"))
   from fae_jax.data import sources
 
   src = sources.make_source(config.data, "train")
@@ -80,7 +79,7 @@ def test_cache_holds_the_encoder_output(tmp_path, tiny_encoder):
   assert cached["valid"].all()
   # bfloat16 storage: one rounding of values of order 1.
   np.testing.assert_allclose(cached["features"].astype(np.float32), want, atol=0.02, rtol=0.01)
-  manifest = array_cache.read_manifest(encode.cache_dir(tmp_path, "train"))
+  manifest = array_cache.read_manifest(feature_cache.cache_dir(tmp_path, "train"))
   assert manifest["metadata"]["encoder_fingerprint"] == tiny_encoder[2]["fingerprint"]
 
 
@@ -88,8 +87,8 @@ def test_sharded_encode_equals_single_device(tmp_path, tiny_encoder):
   config = tiny_config()
   _encode(config, tmp_path / "eight", tiny_encoder, devices=jax.devices())
   _encode(config, tmp_path / "one", tiny_encoder, devices=jax.devices()[:1])
-  a = _read_all(encode.cache_dir(tmp_path / "eight", "train"))
-  b = _read_all(encode.cache_dir(tmp_path / "one", "train"))
+  a = _read_all(feature_cache.cache_dir(tmp_path / "eight", "train"))
+  b = _read_all(feature_cache.cache_dir(tmp_path / "one", "train"))
   np.testing.assert_array_equal(a["id"], b["id"])
   np.testing.assert_allclose(
     a["features"].astype(np.float32), b["features"].astype(np.float32), atol=1e-2, rtol=0
@@ -101,13 +100,13 @@ def test_interrupted_encode_resumes_to_the_same_cache(tmp_path, tiny_encoder):
   _encode(config, tmp_path / "straight", tiny_encoder)
   out = _encode(config, tmp_path / "resumed", tiny_encoder, stop_after_shards=1)
   assert out == {"interrupted": True}
-  d = encode.cache_dir(tmp_path / "resumed", "train")
+  d = feature_cache.cache_dir(tmp_path / "resumed", "train")
   assert not array_cache.is_complete(d)
   with pytest.raises(Exception, match="incomplete"):
     array_cache.CacheSource(d)
   second = _encode(config, tmp_path / "resumed", tiny_encoder)
   assert second["encoded"] == 40 - 16  # only the shards the first run did not finish
-  straight_dir = encode.cache_dir(tmp_path / "straight", "train")
+  straight_dir = feature_cache.cache_dir(tmp_path / "straight", "train")
   for name in sorted(p.name for p in epath.Path(straight_dir).glob("shard-*")):
     assert (straight_dir / name).read_bytes() == (d / name).read_bytes(), name
 
@@ -118,8 +117,8 @@ def test_cache_of_another_encoder_is_refused(tmp_path, tiny_encoder):
   other = dict(tiny_encoder[2], fingerprint="another")
   with pytest.raises(ValueError, match="encoder_fingerprint"):
     array_cache.CacheSource(
-      encode.cache_dir(tmp_path, "train"),
-      expected_metadata=encode.cache_metadata(config, other, "train"),
+      feature_cache.cache_dir(tmp_path, "train"),
+      expected_metadata=feature_cache.cache_metadata(config, other, "train"),
     )
 
 

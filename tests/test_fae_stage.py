@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from configs import demo
-from fae_jax import main
-from fae_jax.models.dinov2 import Dinov2Config
-from fae_jax.stages import fae as fae_stage
+from fae_jax import artifacts, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
@@ -20,24 +17,10 @@ sys.path.insert(0, os.path.join(REPO, "launch"))
 import summarize  # noqa: E402
 import sweep  # noqa: E402
 
-SMALL = Dinov2Config(width=32, depth=1, num_heads=2, pos_grid=4, interpolate_offset=0.0)
 
-
-def tiny_pipeline_config(input_mode="cache"):
-  config = demo.get_config("random_encoder,tiny")
+def tiny_fae_config(make_config, input_mode="cache"):
+  config = make_config()
   config.stages = ("convert", "encode", "fae")
-  config.data.name = "synthetic"
-  config.data.num_examples = 64
-  config.data.synthetic_image_size = 28
-  config.data.max_train_examples = 48
-  config.data.max_eval_examples = 16
-  config.encoder.image_size = 28  # 2 x 2 tokens
-  config.encode.examples_per_shard = 32
-  config.encode.batch_size = 16
-  m = config.fae.model
-  m.latent_dim = 4
-  m.adapter_heads, m.adapter_head_dim = 2, 16
-  m.decoder_depth, m.decoder_width, m.decoder_heads, m.decoder_head_dim = 1, 32, 2, 16
   t = config.fae.train
   t.num_steps, t.batch_size, t.log_every, t.checkpoint_every = 6, 8, 2, 3
   t.warmup_steps = 1
@@ -47,13 +30,9 @@ def tiny_pipeline_config(input_mode="cache"):
   return config
 
 
-@pytest.fixture
-def small_encoder(monkeypatch):
-  monkeypatch.setattr(Dinov2Config, "from_variant", classmethod(lambda cls, *a, **k: SMALL))
-
-
-def test_fae_stage_trains_exports_and_reports(tmp_path, small_encoder):
-  config = tiny_pipeline_config()
+@pytest.mark.slow
+def test_fae_stage_trains_exports_and_reports(tmp_path, small_encoder, tiny_pipeline_config):
+  config = tiny_fae_config(tiny_pipeline_config)
   report = main.run_stages(config, epath.Path(tmp_path))
   fae = report["fae"]
   assert -1.0 <= fae["feature_cosine"] <= 1.0
@@ -62,15 +41,18 @@ def test_fae_stage_trains_exports_and_reports(tmp_path, small_encoder):
   assert fae["steps"] == 6 and fae["latent_shape"] == [2, 2, 4]
   assert fae["eval_examples"] == 16 and fae["probe_train_examples"] == 48
   assert "train_loss_first" in fae and "train_loss_last" in fae
-  params, cfg, meta = fae_stage.load_export(tmp_path / "fae" / "export")
+  params, cfg, meta = artifacts.load_export("fae", tmp_path / "fae" / "export")
   assert cfg.latent_dim == 4 and meta["weights"] == "ema" and meta["step"] == 6
   assert all(np.isfinite(a).all() for a in jax.tree.leaves(params))
   # Complete: a rerun skips it and leaves the report alone.
   assert main.run_stages(config, epath.Path(tmp_path)) == report
 
 
-def test_fae_stage_on_the_fly_encoder_matches_cache_input_shapes(tmp_path, small_encoder):
-  config = tiny_pipeline_config("encoder")
+@pytest.mark.slow
+def test_fae_stage_on_the_fly_encoder_matches_cache_input_shapes(
+  tmp_path, small_encoder, tiny_pipeline_config
+):
+  config = tiny_fae_config(tiny_pipeline_config, "encoder")
   config.stages = ("convert", "fae")  # no feature cache at all
   config.fae.train.num_steps = 2
   report = main.run_stages(config, epath.Path(tmp_path))
@@ -78,8 +60,8 @@ def test_fae_stage_on_the_fly_encoder_matches_cache_input_shapes(tmp_path, small
   assert report["fae"]["steps"] == 2 and -1 <= report["fae"]["feature_cosine"] <= 1
 
 
-def test_fae_stage_without_cache_names_the_fix(tmp_path, small_encoder):
-  config = tiny_pipeline_config()
+def test_fae_stage_without_cache_names_the_fix(tmp_path, small_encoder, tiny_pipeline_config):
+  config = tiny_fae_config(tiny_pipeline_config)
   config.stages = ("convert", "fae")
   with pytest.raises(FileNotFoundError, match="encode"):
     main.run_stages(config, epath.Path(tmp_path))
@@ -119,11 +101,12 @@ def test_summarize_collects_points(tmp_path):
   assert summarize.to_csv(columns, rows).splitlines()[0] == "point,fae.feature_cosine,fae.steps"
 
 
-def test_sweep_point_runs_against_shared_upstream(tmp_path, small_encoder):
-  shared = tiny_pipeline_config()
+@pytest.mark.slow
+def test_sweep_point_runs_against_shared_upstream(tmp_path, small_encoder, tiny_pipeline_config):
+  shared = tiny_fae_config(tiny_pipeline_config)
   shared.stages = ("convert", "encode")
   main.run_stages(shared, epath.Path(tmp_path / "shared"))
-  point = tiny_pipeline_config()
+  point = tiny_fae_config(tiny_pipeline_config)
   point.stages = ("fae",)
   point.upstream_workdir = str(tmp_path / "shared")
   point.fae.model.adapter_depth = 0

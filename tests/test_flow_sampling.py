@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fae_jax.flows import objective, sampling
 from fae_jax.models import tarflow as tf
+from fae_jax.tarflow import objective, sampler
 
 NUM_CLASSES = 4
 COMPONENT_STD = 0.3
@@ -34,7 +34,7 @@ def _fast_jit(fn):
 
 
 def test_training_lowers_bits_per_dim_and_samples_follow_labels():
-  c = tf.FlowConfig(
+  c = tf.TarFlowConfig(
     input_size=2,
     in_channels=2,
     width=32,
@@ -90,7 +90,7 @@ def test_training_lowers_bits_per_dim_and_samples_follow_labels():
   )
 
   labels = jnp.arange(64) % NUM_CLASSES
-  sample_fn = _fast_jit(lambda p, k, y: sampling.sample(p, model, k, y, guidance=2.0))
+  sample_fn = _fast_jit(lambda p, k, y: sampler.sample(p, model, k, y, guidance=2.0))
   samples = sample_fn(params, jax.random.key(5), labels)
   dist = ((np.asarray(samples)[:, None] - MEANS[None]) ** 2).sum(axis=(2, 3, 4))
   assert np.mean(dist.argmin(axis=1) == np.asarray(labels)) >= 0.9

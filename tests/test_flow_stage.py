@@ -10,14 +10,13 @@ import pytest
 from etils import epath
 
 from configs import imagenet
-from fae_jax import main
+from fae_jax import artifacts, main
 from fae_jax.models import tarflow
 from fae_jax.stages import evaluate, flow
-from tests.test_generation_stages import small_encoder, tiny_config  # noqa: F401
 
 
-def tiny_flow_config(generators=("flow",)):
-  config = tiny_config()
+def tiny_flow_config(make_config, generators=("flow",)):
+  config = make_config()
   config.stages = ("convert", "encode", "fae", "pixel", "latents", *generators, "evaluate")
   m = config.flow.model
   m.width, m.num_heads, m.deep_depth, m.shallow_depth, m.num_shallow = 32, 2, 1, 1, 1
@@ -30,12 +29,13 @@ def tiny_flow_config(generators=("flow",)):
   return config
 
 
-def test_flow_evaluate_end_to_end(tmp_path, small_encoder):  # noqa: F811
-  config = tiny_flow_config()
+@pytest.mark.slow
+def test_flow_evaluate_end_to_end(tmp_path, small_encoder, tiny_generation_config):
+  config = tiny_flow_config(tiny_generation_config)
   report = main.run_stages(config, epath.Path(tmp_path))
 
   # flow: trained, exported with the derived geometry and the latent statistics.
-  params, cfg, meta = flow.load_export(epath.Path(tmp_path))
+  params, cfg, meta = artifacts.load_export("flow", artifacts.export_dir(tmp_path, "flow"))
   assert (cfg.input_size, cfg.in_channels, cfg.num_classes) == (2, 4, 4)
   assert meta["step"] == 6 and len(meta["latent_stats"]["std"]) == 4
   f = report["flow"]
@@ -63,7 +63,7 @@ def test_flow_evaluate_end_to_end(tmp_path, small_encoder):  # noqa: F811
 def test_model_config_derives_geometry_and_rejects_derived_keys():
   config = imagenet.get_config()
   cfg = flow.model_config(config, (16, 16, 32), 1000)
-  assert cfg == tarflow.FlowConfig(dtype="bfloat16", remat=True)  # STARFlow 1.4B defaults
+  assert cfg == tarflow.TarFlowConfig(dtype="bfloat16", remat=True)  # STARFlow 1.4B defaults
   assert flow.model_config(config, (8, 8, 16), 10).in_channels == 16
   config.flow.model.in_channels = 16
   with pytest.raises(ValueError, match="derived"):

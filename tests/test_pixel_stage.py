@@ -9,35 +9,20 @@ import pytest
 from absl.testing import flagsaver
 from etils import epath
 
-from configs import demo
-from fae_jax import main, params_store
+from fae_jax import artifacts, main, params_store
 from fae_jax.autoencoder import Autoencoder
 from fae_jax.data import pipeline
 from fae_jax.evaluation import grids
-from fae_jax.models.dinov2 import Dinov2Config
 from fae_jax.stages import pixel as pixel_stage
 from fae_jax.train import loop
 
-SMALL = Dinov2Config(width=32, depth=1, num_heads=2, pos_grid=4, interpolate_offset=0.0)
 GAN_START = 2
 
 
-def tiny_config():
-  """Synthetic 28 px images, a random 1-layer encoder at 28 px (2x2 tokens of 32), a tiny FAE,
-  and a pixel decoder with 16 px patches: 32 px out, so the 28 <-> 32 px resizes are exercised."""
-  config = demo.get_config("random_encoder,tiny")
-  config.data.name = "synthetic"
-  config.data.num_examples = 64
-  config.data.synthetic_image_size = 28
-  config.data.max_train_examples = 48
-  config.data.max_eval_examples = 16
-  config.encoder.image_size = 28
-  config.encode.examples_per_shard = 32
-  config.encode.batch_size = 16
-  m = config.fae.model
-  m.latent_dim = 4
-  m.adapter_heads, m.adapter_head_dim = 2, 16
-  m.decoder_depth, m.decoder_width, m.decoder_heads, m.decoder_head_dim = 1, 32, 2, 16
+def tiny_config(make_config):
+  """The shared tiny pipeline (conftest) with a pixel decoder of 16 px patches: 32 px out, so the
+  28 <-> 32 px resizes are exercised."""
+  config = make_config()
   t = config.fae.train
   t.num_steps, t.batch_size, t.log_every, t.checkpoint_every, t.warmup_steps = 2, 8, 1, 2, 1
   config.fae.eval.batch_size = 8
@@ -56,16 +41,12 @@ def tiny_config():
   return config
 
 
-def _patch_encoder(monkeypatch):
-  monkeypatch.setattr(Dinov2Config, "from_variant", classmethod(lambda cls, *a, **k: SMALL))
-
-
 @pytest.fixture(scope="module")
-def gan_run(tmp_path_factory):
+def gan_run(tmp_path_factory, tiny_pipeline_config, patch_small_encoder):
   """convert, encode, fae and pixel (cached features, DINO perceptual loss, adaptive GAN from
   step 2 of `noisy` and step 0 of `finetune`), run once for the tests below."""
   workdir = epath.Path(tmp_path_factory.mktemp("pixel_gan"))
-  config = tiny_config()
+  config = tiny_config(tiny_pipeline_config)
   config.stages = ("convert", "encode", "fae", "pixel")
   p = config.pixel
   p.input = "cache"
@@ -73,7 +54,7 @@ def gan_run(tmp_path_factory):
   p.loss.gan_weight = 0.5
   p.noisy.gan_start, p.finetune.gan_start = GAN_START, 0
   with pytest.MonkeyPatch.context() as mp:
-    _patch_encoder(mp)
+    patch_small_encoder(mp)
     report = main.run_stages(config, workdir)
   return workdir, config, report
 
@@ -83,7 +64,8 @@ def _log_rows(workdir, phase):
   return [r for r in map(json.loads, path.read_text().splitlines()) if "train/loss" in r]
 
 
-def test_stage_reports_grids_and_exports(gan_run):
+@pytest.mark.slow
+def test_stage_reports_grids_and_exports(gan_run, small_encoder):
   workdir, config, report = gan_run
   px = report["pixel"]
   for key in ("psnr_full", "psnr_noisy_features", "psnr_full_before_finetune"):
@@ -106,19 +88,18 @@ def test_stage_reports_grids_and_exports(gan_run):
   assert epath.Path(px["grid_png_noisy_features"]).exists()
   assert list((workdir / "pixel").glob("events.out.tfevents.*")), "no TensorBoard grid"
   # Exports: the decoder alone (no discriminator), EMA weights, with their JSON config.
-  params, cfg, meta = pixel_stage.load_export(workdir / "pixel" / "export")
+  params, cfg, meta = artifacts.load_export("pixel", workdir / "pixel" / "export")
   assert set(params) >= {"embed", "head", "pos_embed"} and "disc" not in params
   assert cfg.image_size == (32, 32) and meta["image_size"] == [28, 28]
   assert (meta["phase"], meta["weights"], meta["step"]) == ("finetune", "ema", 4)
   assert meta["fae"]["step"] == 2 and meta["encoder"]["image_size"] == 28
-  _, _, noisy_meta = pixel_stage.load_export(workdir / "pixel" / "export_noisy")
+  _, _, noisy_meta = artifacts.load_export("pixel", workdir / "pixel" / "export_noisy")
   assert (noisy_meta["phase"], noisy_meta["step"]) == ("noisy", 4)
   # Complete: a rerun skips every stage and leaves the report alone.
-  with pytest.MonkeyPatch.context() as mp:
-    _patch_encoder(mp)
-    assert main.run_stages(config, workdir) == report
+  assert main.run_stages(config, workdir) == report
 
 
+@pytest.mark.slow
 def test_gan_terms_are_zero_before_gan_start(gan_run):
   workdir, _, _ = gan_run
   rows = _log_rows(workdir, "noisy")
@@ -133,11 +114,10 @@ def test_gan_terms_are_zero_before_gan_start(gan_run):
   assert all(r["train/gan_active"] == 1.0 for r in _log_rows(workdir, "finetune"))
 
 
-def test_autoencoder_round_trip_matches_the_stage(gan_run):
+@pytest.mark.slow
+def test_autoencoder_round_trip_matches_the_stage(gan_run, small_encoder):
   workdir, config, report = gan_run
-  with pytest.MonkeyPatch.context() as mp:
-    _patch_encoder(mp)
-    ae = Autoencoder.load(workdir)
+  ae = Autoencoder.load(workdir)
   batch = next(
     iter(pipeline.make_ordered_dataset(config.data, config.data.eval_split, batch_size=8))
   )
@@ -160,11 +140,13 @@ def test_autoencoder_round_trip_matches_the_stage(gan_run):
     ae.decode(np.zeros((1, 2, 2, 5), np.float32))
 
 
-def test_phases_resume_and_finetune_starts_from_noisy_weights(gan_run, tmp_path, monkeypatch):
-  _patch_encoder(monkeypatch)
+@pytest.mark.slow
+def test_phases_resume_and_finetune_starts_from_noisy_weights(
+  gan_run, tmp_path, monkeypatch, small_encoder, tiny_pipeline_config
+):
   upstream, _, _ = gan_run
   workdir = epath.Path(tmp_path)
-  config = tiny_config()
+  config = tiny_config(tiny_pipeline_config)
   config.upstream_workdir = str(upstream)  # its converted encoder
   config.pixel.input = "encoder"  # the encoder runs in the step; no feature cache needed
   config.pixel.finetune.train.lr = 0.0  # fine-tuning leaves the seeded weights as they are
@@ -190,7 +172,7 @@ def test_phases_resume_and_finetune_starts_from_noisy_weights(gan_run, tmp_path,
     main.run_stages(config, workdir)
   monkeypatch.setattr(loop, "train", real_train)
   assert [r["step"] for r in _log_rows(workdir, "noisy")] == [1, 2, 3, 4]
-  assert pixel_stage.load_export(workdir / "pixel" / "export_noisy")[2]["step"] == 4
+  assert artifacts.load_export("pixel", workdir / "pixel" / "export_noisy")[2]["step"] == 4
 
   # Rerun with a longer phase `noisy`: it resumes at step 4 instead of starting over.
   config.pixel.noisy.train.num_steps = 6
@@ -198,19 +180,19 @@ def test_phases_resume_and_finetune_starts_from_noisy_weights(gan_run, tmp_path,
   assert [r["step"] for r in _log_rows(workdir, "noisy")] == [1, 2, 3, 4, 5, 6]
   assert report["steps_noisy"] == 6 and report["steps_finetune"] == 4
   assert not report["gan"] and report["perceptual"] == "none"
-  noisy, _, noisy_meta = pixel_stage.load_export(workdir / "pixel" / "export_noisy")
-  tuned, _, _ = pixel_stage.load_export(workdir / "pixel" / "export")
+  noisy, _, noisy_meta = artifacts.load_export("pixel", workdir / "pixel" / "export_noisy")
+  tuned, _, _ = artifacts.load_export("pixel", workdir / "pixel" / "export")
   assert noisy_meta["step"] == 6  # the export follows the longer phase
   # EMA updates of unchanged weights round at the last bit, hence a tolerance.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), tuned, noisy)
 
 
-def test_config_errors_name_the_fix():
-  config = tiny_config()
+def test_config_errors_name_the_fix(tiny_pipeline_config):
+  config = tiny_config(tiny_pipeline_config)
   config.pixel.loss.perceptual, config.pixel.loss.perc_weight = "lpips", 1.0
   with pytest.raises(ValueError, match="python -m fae_jax.convert lpips"):
     pixel_stage._check_config(config)
-  config = tiny_config()
+  config = tiny_config(tiny_pipeline_config)
   config.pixel.noisy.train.num_steps = config.pixel.finetune.train.num_steps = 0
   with pytest.raises(ValueError, match="nothing to train"):
     pixel_stage._check_config(config)

@@ -22,9 +22,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fae_jax import sharding as sharding_lib
-from fae_jax.flows import objective, sampling
 from fae_jax.models import layers
 from fae_jax.models import tarflow as tf
+from fae_jax.tarflow import objective, sampler
 
 TINY = dict(
   input_size=3,
@@ -48,14 +48,14 @@ def _jit(fn, **kwargs):
 
 
 @functools.cache
-def _real_init(config: tf.FlowConfig):
+def _real_init(config: tf.TarFlowConfig):
   model = tf.TarFlow(config)
   x = np.zeros((1, config.input_size, config.input_size, config.in_channels), np.float32)
   params = _jit(model.init)(jax.random.key(0), x, np.zeros((1,), np.int32))["params"]
   return model, jax.tree.map(np.asarray, params)
 
 
-def _init(config: tf.FlowConfig, perturb: float = 0.0, seed: int = 0):
+def _init(config: tf.TarFlowConfig, perturb: float = 0.0, seed: int = 0):
   """`(model, params)`: the real init plus `perturb * N(0, 1)` noise (numpy, so nothing but the
   init compiles), in the config's out dtype."""
   model, params = _real_init(config)
@@ -66,7 +66,7 @@ def _init(config: tf.FlowConfig, perturb: float = 0.0, seed: int = 0):
   )
 
 
-def _data(config: tf.FlowConfig, batch: int, seed: int = 7):
+def _data(config: tf.TarFlowConfig, batch: int, seed: int = 7):
   rng = np.random.default_rng(seed)
   shape = (batch, config.input_size, config.input_size, config.in_channels)
   x = jnp.asarray(rng.standard_normal(shape), config.out_dtype)
@@ -98,18 +98,18 @@ def _apply_rope_keep_float64(x, cos, sin):
 
 
 def test_config_roundtrip_and_errors():
-  c = tf.FlowConfig(**TINY)
-  assert tf.FlowConfig.from_dict(c.to_dict()) == c
-  with pytest.raises(ValueError, match="Unknown FlowConfig keys"):
-    tf.FlowConfig.from_dict({**c.to_dict(), "depth": 3})
+  c = tf.TarFlowConfig(**TINY)
+  assert tf.TarFlowConfig.from_dict(c.to_dict()) == c
+  with pytest.raises(ValueError, match="Unknown TarFlowConfig keys"):
+    tf.TarFlowConfig.from_dict({**c.to_dict(), "depth": 3})
   with pytest.raises(ValueError, match="scale_param"):
-    tf.FlowConfig(**{**TINY, "scale_param": "sigmoid"})
+    tf.TarFlowConfig(**{**TINY, "scale_param": "sigmoid"})
   with pytest.raises(ValueError, match="divisible by patch_size"):
-    tf.FlowConfig(**{**TINY, "patch_size": 2})
+    tf.TarFlowConfig(**{**TINY, "patch_size": 2})
 
 
 def test_imagenet_layout_params_and_flops():
-  c = tf.FlowConfig()
+  c = tf.TarFlowConfig()
   specs = c.flow_blocks()
   # STARFlow: five 2-layer blocks, then the 18-layer deep block on the noise side; the deep
   # block reads raster order, the orders alternate towards the data, only the deep block sees
@@ -162,7 +162,7 @@ def test_guide_affine_is_the_guided_gaussian():
 def f64():
   with pytest.MonkeyPatch.context() as mp, jax.enable_x64(True):
     mp.setattr(layers, "apply_rope", _apply_rope_keep_float64)
-    c = tf.FlowConfig(**{**TINY, "dtype": "float64"})
+    c = tf.TarFlowConfig(**{**TINY, "dtype": "float64"})
     model, params = _init(c, perturb=0.2)
     x, y = _data(c, 4)
     y = y.at[-1].set(c.null_class)
@@ -266,9 +266,9 @@ class TestFloat64:
       return (
         z,
         logdet,
-        sampling.inverse(params, model, z, y, cache=True),
-        sampling.inverse(params, model, z, y, cache=False),
-        sampling.log_prob(params, model, x, y),
+        sampler.inverse(params, model, z, y, cache=True),
+        sampler.inverse(params, model, z, y, cache=False),
+        sampler.log_prob(params, model, x, y),
       )
 
     z, logdet, x_cache, x_ref, log_prob = _jit(round_trip)(x)
@@ -286,13 +286,13 @@ class TestFloat64:
 
     def run(rng, g):
       kw = dict(temperature=0.9, guidance=2.5, denoise_step=False)
-      z = sampling.base_noise(c, rng, y.shape[0])
+      z = sampler.base_noise(c, rng, y.shape[0])
       return {
-        "fast": sampling.sample(params, model, rng, y, cache=True, **kw),
-        "ref": sampling.sample(params, model, rng, y, cache=False, **kw),
-        "cond": sampling.inverse(params, model, z, y),
+        "fast": sampler.sample(params, model, rng, y, cache=True, **kw),
+        "ref": sampler.sample(params, model, rng, y, cache=False, **kw),
+        "cond": sampler.inverse(params, model, z, y),
         # A traced scale forces the two-stream (conditional + null class) pass.
-        "one": sampling.inverse(params, model, z, y, guidance=g),
+        "one": sampler.inverse(params, model, z, y, guidance=g),
       }
 
     out = jax.tree.map(np.asarray, _jit(run)(jax.random.key(5), jnp.float64(1.0)))
@@ -304,12 +304,12 @@ class TestFloat64:
   def test_denoise_step_is_tweedie_with_the_flow_score(self, f64):
     model, params, x, y = f64.model, f64.params, f64.x, f64.y
 
-    def log_density(v):  # written out independently of sampling.log_prob
+    def log_density(v):  # written out independently of sampler.log_prob
       z, logdet = model.apply({"params": params}, v, y)
       return jnp.sum(-0.5 * jnp.sum(z**2, axis=(1, 2, 3)) + logdet)
 
     def run(x):
-      return sampling.denoise(params, model, x, y), jax.grad(log_density)(x)
+      return sampler.denoise(params, model, x, y), jax.grad(log_density)(x)
 
     out, grad = (np.asarray(a) for a in _jit(run)(x))
     assert np.abs(grad).max() > 1.0
@@ -348,7 +348,7 @@ class TestFloat64:
 @pytest.fixture(scope="module")
 def f32():
   # Patch 2 here (4 tokens of 8 values); the float64 tests above use patch 1.
-  c = tf.FlowConfig(**{**TINY, "input_size": 4, "patch_size": 2})
+  c = tf.TarFlowConfig(**{**TINY, "input_size": 4, "patch_size": 2})
   model, params = _init(c, perturb=0.05)
   _, params_init = _init(c)
   x, y = _data(c, 8)
@@ -366,7 +366,7 @@ def test_identity_at_init_loss_terms_and_round_trip(f32):
 
   def round_trip(params, x, y):
     z, _ = model.apply({"params": params}, x, y)
-    return z, sampling.inverse(params, model, z, y)
+    return z, sampler.inverse(params, model, z, y)
 
   z, x_rec = _jit(round_trip)(f32.params, f32.x, f32.y)
   assert float(jnp.max(jnp.abs(z - f32.x))) > 0.1
@@ -435,9 +435,9 @@ def test_sharded_sampling_matches_single_device(f32):
   y = jnp.arange(8) % 4  # 3 is the null class
   rng = jax.random.key(11)
   kw = dict(guidance=2.0, denoise_step=False, compiler_options=_FAST_COMPILE)
-  single = sampling.make_sample_fn(f32.model, **kw)(f32.params, rng, y)
+  single = sampler.make_sample_fn(f32.model, **kw)(f32.params, rng, y)
   mesh = sharding_lib.make_mesh(data=-1, fsdp=1, devices=jax.devices())
-  sharded = sampling.make_sample_fn(f32.model, mesh=mesh, **kw)(f32.params, rng, y)
+  sharded = sampler.make_sample_fn(f32.model, mesh=mesh, **kw)(f32.params, rng, y)
   assert len(sharded.sharding.device_set) == 8
   assert np.all(np.isfinite(np.asarray(sharded)))
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-4, atol=1e-4)

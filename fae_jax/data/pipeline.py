@@ -372,3 +372,17 @@ def make_cache_dataset(
   options = _read_options(data_config or ml_collections.ConfigDict())
   iter_ds = ds.to_iter_dataset(options).filter(_is_valid)
   return iter_ds.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def make_train_image_iter(config: ml_collections.ConfigDict, batch_size: int) -> Any:
+  """A checkpointable iterator of this process's shuffled, repeating `{"image"}` training batches
+  (`config.data`, `config.seed`): the input of a stage that runs the frozen encoder in its step."""
+  ds = make_dataset(
+    config.data,
+    config.data.train_split,
+    batch_size=batch_size,
+    seed=config.seed,
+    shuffle=True,
+    end_index=config.data.max_train_examples,
+  )
+  return iter(ds.map(lambda b: {"image": b["image"]}))

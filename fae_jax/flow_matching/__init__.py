@@ -5,7 +5,8 @@ other's internals (the SiT `transport/` split):
     time shift and the training-time distributions and sampling grid;
   * `objective`: the training loss of any `velocity_fn(x_t, t, y) -> v`;
   * `sampler`: Euler / Heun ODE and Euler-Maruyama SDE integration from noise to data;
-  * `guidance`: classifier-free guidance with a banded schedule over t.
+  * `guidance`: classifier-free guidance with a banded schedule over t;
+  * `dit_sampler`: the trained DiT bound to the sampler, jitted and batch-sharded (evaluation).
 
 Import the submodules directly (`from fae_jax.flow_matching import sampler`).
 """

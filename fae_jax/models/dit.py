@@ -41,13 +41,7 @@ Conventions and choices (see DESIGN.md "Flow matching time"):
   * Compute runs in `dtype` (bfloat16 on TPU), params are float32, the residual stream and the
     adaLN modulation vectors are float32, the velocity is returned in float32.
 
-Parameter counts (from `jax.eval_shape`, pinned in tests/test_dit.py), XL/1 on 16x16x32 latents,
-1000 classes: LightningDiT 674,961,824, SiT layout (`lightning=False`) 674,984,480. Per block:
-attention 5,313,024, SwiGLU 10,624,128 (hidden 3072; the 4x GELU MLP has 10,621,440), adaLN
-7,969,536, two norms of 1,152 (RMSNorm) or 2,304 (LayerNorm) each. Cross-check against DiT's
-published 675,129,632 for DiT-XL/2 (32x32x4, learn_sigma): our SiT layout gives 674,966,048;
-minus our LayerNorm affines (57 x 2,304) plus DiT's frozen 256 x 1152 position table, which
-PyTorch counts as a parameter and we keep as a constant, that is 675,129,632 exactly.
+Parameter counts of the ImageNet configuration, derived: README.md, "Parameter counts".
 
 FLOPs (`dit_flops_per_example`): 2 x MACs of every matmul, attention scores and weighted values
 included; the per-example conditioning matmuls (time MLP, adaLN) are counted once per example.
@@ -163,17 +157,7 @@ class DitConfig(LatentGridConfig):
     return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
   def block_config(self) -> layers.BlockConfig:
-    hidden = layers.ffn_hidden_dim(self.ffn, self.width, self.mlp_ratio)
-    return layers.BlockConfig(
-      width=self.width,
-      num_heads=self.num_heads,
-      mlp_hidden=hidden,
-      ffn=self.ffn,
-      activation="gelu_tanh",
-      norm=self.norm,
-      norm_eps=self.norm_eps,
-      qk_norm=self.qk_norm,
-    )
+    return layers.block_config_of(self, activation="gelu_tanh", qk_norm=self.qk_norm)
 
   @classmethod
   def from_variant(

@@ -48,19 +48,7 @@ Choices the paper leaves open (PAPER.md "(open)"), and why:
   * Residual streams are kept in float32 while matmuls run in `dtype` (bfloat16 on TPU);
     params are always float32; mean, logvar, z and x_hat are returned in float32.
 
-Parameter counts for the ImageNet configuration (D 1536, 16x16 tokens, c 32), from
-`jax.eval_shape` (pinned in tests/test_fae_model.py):
-  * Adapter depth 1: qkv 1536 -> 18432 (28,329,984) + proj 6144 -> 1536 (9,438,720)
-    + Dense 1536 -> 64 (98,368) = 37,867,072; + LayerNorm 3,072 + 256-token table 393,216
-    = 38,263,360 (38.26M, +0.25% vs the paper's 38.17M). Without a table: 37.87M (-0.79%).
-    The paper's 38.17M exceeds our table-free count by ~0.303M = 197 x 1536, i.e. a table of
-    1 + 14 x 14 tokens (a 224-px/16 ViT layout); we cannot resolve it from the text and keep
-    a table that matches our grid.
-  * Decoder: 6 blocks x 28,330,496 (qkv 7,082,496, proj 2,360,832, SwiGLU w12 1536 -> 8192
-    12,591,104, w3 4096 -> 1536 6,292,992, two RMSNorms 3,072) = 169,982,976; + Dense 32 -> 1536
-    50,688 + table 393,216 + final RMSNorm 1,536 = 170,428,416 = the paper's 170.43M exactly
-    (with `decoder_out_proj=False`). Our default adds the 1536 -> 1536 output projection
-    (2,360,832): 172,789,248 (172.79M, +1.4%).
+Parameter counts of the ImageNet configuration, derived: README.md, "Parameter counts".
 
 FLOPs (`fae_flops_per_example`): 2 x MACs of every matmul, attention scores and values
 included; norms, activations, softmax and RoPE are ignored (<1% at ImageNet widths). A training

@@ -349,6 +349,20 @@ class BlockConfig:
     return 4 * self.width
 
 
+def block_config_of(config: Any, **overrides: Any) -> BlockConfig:
+  """The `BlockConfig` of a model config with `width`, `num_heads`, `ffn`, `mlp_ratio`, `norm` and
+  `norm_eps` fields (DiT, TarFlow, pixel decoder); `overrides` set the other block fields."""
+  return BlockConfig(
+    width=config.width,
+    num_heads=config.num_heads,
+    mlp_hidden=ffn_hidden_dim(config.ffn, config.width, config.mlp_ratio),
+    ffn=config.ffn,
+    norm=config.norm,
+    norm_eps=config.norm_eps,
+    **overrides,
+  )
+
+
 class Block(nn.Module):
   """Pre-norm transformer block: `x + ls1(attn(norm1(x)))`, then `x + ls2(mlp(norm2(x)))`.
 

@@ -22,12 +22,7 @@ Choices the paper leaves open, and why:
   * Residual stream in float32, matmuls in `dtype` (bfloat16 on TPU); params always float32;
     the image is returned in float32.
 
-Parameter count of the ImageNet ViT-L/16 (D 1536, 16x16 tokens, `jax.eval_shape`, pinned in
-tests/test_pixel_decoder.py): 24 blocks x 12,596,224 (qkv 3,148,800, proj 1,049,600, fc1
-4,198,400, fc2 4,195,328, two LayerNorms 4,096) = 302,309,376; + embed 1536 -> 1024 1,573,888
-+ table 262,144 + final LayerNorm 2,048 + head 1024 -> 768 787,200 = 304,934,656 (304.93M,
--0.14% vs the paper's 305.36M). RAE's ViT-MAE decoder layout (a 257-token table and a class
-token) gives 304,936,704, no closer; the paper's extra ~0.43M is not explained by its text.
+Parameter counts of the ImageNet configuration, derived: README.md, "Parameter counts".
 """
 
 from __future__ import annotations
@@ -170,20 +165,7 @@ class PixelDecoderConfig(JsonConfig):
     return cls(**fields)
 
   def block_config(self) -> layers.BlockConfig:
-    hidden = layers.ffn_hidden_dim(self.ffn, self.width, self.mlp_ratio)
-    return layers.BlockConfig(
-      width=self.width,
-      num_heads=self.num_heads,
-      mlp_hidden=hidden,
-      ffn=self.ffn,
-      norm=self.norm,
-      norm_eps=self.norm_eps,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Patches.
-# ----------------------------------------------------------------------------------------------
+    return layers.block_config_of(self)
 
 
 # ----------------------------------------------------------------------------------------------

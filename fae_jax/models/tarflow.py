@@ -57,8 +57,8 @@ Choices, with the reference they follow:
     makes r = 0 the identity. Unlike STARFlow we clip only the scale, not mu: mu is a location
     in the units of the block's input (intermediate blocks' inputs are not standardised) and
     the affine map is linear in it, so bounding it buys no stability.
-  * Precision: compute in `dtype` (default float32; set bfloat16 on TPU/GPU), parameters
-    float32, the residual stream in float32; the output projection, the affine transform and the log-determinant run in
+  * Precision: compute in `dtype` (default float32; bfloat16 on TPU/GPU), parameters and the
+    residual stream float32; the output projection, the affine transform and the logdet run in
     `promote_types(float32, dtype)` (float32, or float64 when `dtype='float64'` for tests).
   * Inverse (`TarFlow.inverse`): per block, token by token inside `nn.while_loop`, either with a
     static-shape KV cache per layer (`layers.KVCache`; the class token is prefilled, then one
@@ -74,21 +74,12 @@ Choices, with the reference they follow:
     input. Shallow blocks are unconditional, so guidance touches only the deep block.
   * Temperature: `inverse` maps `temperature * z`.
 
-Parameter count, ImageNet configuration (the defaults: 16x16x32 latents, patch 1, width 2048,
-32 heads, GELU MLP, LayerNorm, 1000 classes), from `jax.eval_shape` of the init
-(`count_params`, pinned in tests/test_tarflow.py): 1,413,310,848. One layer 50,358,272 (qkv
-12,589,056, proj 4,196,352, fc1 16,785,408, fc2 16,779,264, two norms 8,192), x 28 layers =
-1,410,031,616; per flow block proj_in 67,584 + sos 2,048 + final norm 4,096 + proj_out 131,136,
-x 6 = 1,229,184; class table 1001 x 2048 = 2,050,048. STARFlow calls this model "1.4B".
-
-FLOPs (`flow_flops_per_example`): 2 x MACs of every matmul over the P + T sequence, attention
-scores and values counted in full (no causal halving, the usual MFU convention); norms,
-activations, softmax and RoPE are ignored. A training step is 3x the forward.
+The config (`TarFlowConfig`) is in `fae_jax.models.tarflow_config`. Parameter count and FLOPs:
+README.md, "Parameter counts".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -98,149 +89,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fae_jax.models import layers
-from fae_jax.models.config_base import LatentGridConfig
+from fae_jax.models.tarflow_config import TarFlowConfig
 
 Dtype = Any
 
-_FFNS = ("mlp", "swiglu")
-_NORMS = ("layernorm", "rmsnorm")
-_SCALE_PARAMS = ("softplus", "exp")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-
 # softplus^-1(1) = log(e - 1): makes a zero raw output the identity under 'softplus'.
 _INV_SOFTPLUS_1 = math.log(math.e - 1.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class FlowConfig(LatentGridConfig):
-  """Shape of a TarFlow/STARFlow model. Defaults: STARFlow's class-conditional ImageNet 1.4B.
-
-  Attributes:
-    input_size: latent grid side (h = w).
-    in_channels: latent channels c.
-    patch_size: p (1 or 2); tokens are `p * p * c` wide, the grid `input_size / p` per side.
-    width: transformer width of every block.
-    deep_depth: layers of the deep (conditional, noise-side) block.
-    shallow_depth: layers of each shallow block.
-    num_shallow: number of shallow blocks.
-    num_heads: attention heads (head dim = width / num_heads, divisible by 4 for 2-D RoPE).
-    ffn: 'mlp' (GELU) or 'swiglu'.
-    norm: 'layernorm' or 'rmsnorm' (block norms and the final norm of each flow block).
-    mlp_ratio: FFN width multiplier (SwiGLU uses 2/3 of it, rounded up to 8).
-    num_classes: class labels; index `num_classes` is the null class; 0 = unconditional.
-    class_dropout: training probability of replacing a label by the null class.
-    noise_sigma: std of the Gaussian noise added to the latents in training (STARFlow: 0.3);
-      also the default step size of the score-based denoising after sampling.
-    scale_param: 'softplus' or 'exp' map from raw output to log-scale (module docstring).
-    soft_clip: c of the `c * tanh(r / c)` clip of the raw log-scale output; 0 disables it.
-    norm_eps: epsilon of every norm.
-    rope_theta: RoPE base frequency.
-    dtype: compute dtype name: 'float32', 'bfloat16' or 'float64' (tests; needs jax x64).
-    remat: rematerialise each transformer layer in the backward pass of the training forward.
-  """
-
-  input_size: int = 16
-  in_channels: int = 32
-  patch_size: int = 1
-  width: int = 2048
-  deep_depth: int = 18
-  shallow_depth: int = 2
-  num_shallow: int = 5
-  num_heads: int = 32
-  ffn: str = "mlp"
-  norm: str = "layernorm"
-  mlp_ratio: float = 4.0
-  num_classes: int = 1000
-  class_dropout: float = 0.1
-  noise_sigma: float = 0.3
-  scale_param: str = "softplus"
-  soft_clip: float = 4.0
-  norm_eps: float = 1e-6
-  rope_theta: float = 10000.0
-  dtype: str = "float32"
-  remat: bool = False
-
-  def __post_init__(self):
-    def check(name: str, value: Any, allowed) -> None:
-      if value not in allowed:
-        raise ValueError(f"FlowConfig.{name}={value!r} is not one of {tuple(allowed)}.")
-
-    check("ffn", self.ffn, _FFNS)
-    check("norm", self.norm, _NORMS)
-    check("scale_param", self.scale_param, _SCALE_PARAMS)
-    check("dtype", self.dtype, _DTYPES)
-    if self.patch_size < 1 or self.input_size % self.patch_size:
-      raise ValueError(
-        f"FlowConfig.input_size={self.input_size} is not divisible by patch_size={self.patch_size}."
-      )
-    if self.width % self.num_heads:
-      raise ValueError(
-        f"FlowConfig.width={self.width} is not divisible by num_heads={self.num_heads}."
-      )
-    if self.head_dim % 4:
-      raise ValueError(
-        f"FlowConfig: 2-D RoPE needs a head dim divisible by 4, got {self.head_dim}."
-      )
-    if self.deep_depth < 1 or self.shallow_depth < 1 or self.num_shallow < 0:
-      raise ValueError("FlowConfig needs deep_depth >= 1, shallow_depth >= 1, num_shallow >= 0.")
-    if self.num_tokens < 2:
-      raise ValueError("FlowConfig: an autoregressive flow needs at least 2 tokens.")
-    if self.num_classes < 0 or not 0.0 <= self.class_dropout <= 1.0:
-      raise ValueError("FlowConfig needs num_classes >= 0 and 0 <= class_dropout <= 1.")
-    if self.noise_sigma < 0 or self.soft_clip < 0:
-      raise ValueError("FlowConfig needs noise_sigma >= 0 and soft_clip >= 0.")
-
-  # --- derived sizes (head_dim, grid_size, num_tokens, null_class: LatentGridConfig) ----------
-
-  @property
-  def token_dim(self) -> int:
-    return self.patch_size**2 * self.in_channels
-
-  @property
-  def num_dims(self) -> int:
-    """D = h * w * c, the dimension of one example."""
-    return self.input_size**2 * self.in_channels
-
-  @property
-  def num_prefix(self) -> int:
-    """Class tokens before the deep block's sequence (1 if class-conditional)."""
-    return 1 if self.num_classes > 0 else 0
-
-  @property
-  def compute_dtype(self) -> Dtype:
-    return _DTYPES[self.dtype]
-
-  @property
-  def out_dtype(self) -> Dtype:
-    """Dtype of the affine transform and log-determinant: at least float32."""
-    return jnp.promote_types(jnp.float32, self.compute_dtype)
-
-  def block_config(self) -> layers.BlockConfig:
-    hidden = layers.ffn_hidden_dim(self.ffn, self.width, self.mlp_ratio)
-    return layers.BlockConfig(
-      width=self.width,
-      num_heads=self.num_heads,
-      mlp_hidden=hidden,
-      ffn=self.ffn,
-      norm=self.norm,
-      norm_eps=self.norm_eps,
-    )
-
-  def flow_blocks(self) -> list[tuple[str, int, bool, bool]]:
-    """`(name, depth, reversed_order, conditional)` of every flow block, data -> noise order."""
-    specs = []
-    for i in range(self.num_shallow):
-      # Alternate away from the deep block, whose order is raster: its neighbour is reversed.
-      specs.append((f"shallow_{i}", self.shallow_depth, (self.num_shallow - 1 - i) % 2 == 0, False))
-    specs.append(("deep", self.deep_depth, False, self.num_classes > 0))
-    return specs
-
-  # --- serialisation -------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Token layout.
-# ----------------------------------------------------------------------------------------------
 
 
 def log_scale_from_raw(raw: jax.Array, scale_param: str, soft_clip: float) -> jax.Array:
@@ -279,7 +133,7 @@ def _block_with_mask(
   return block(h, rope=(cos, sin), mask=mask)
 
 
-# Rematerialised full-sequence layer for training (`FlowConfig.remat`); the same parameters as a
+# Rematerialised full-sequence layer for training (`TarFlowConfig.remat`); the same parameters as a
 # plain call, and the cached decoding path calls the layer directly.
 _remat_block = nn.remat(_block_with_mask)
 
@@ -296,7 +150,7 @@ class FlowBlock(nn.Module):
   prepends the class token.
   """
 
-  config: FlowConfig
+  config: TarFlowConfig
   depth: int
   reversed_order: bool = False
   conditional: bool = False
@@ -526,7 +380,7 @@ class TarFlow(nn.Module):
   `apply(..., method=TarFlow.log_prob)` is the exact log-likelihood.
   """
 
-  config: FlowConfig
+  config: TarFlowConfig
 
   def setup(self):
     specs = self.config.flow_blocks()
@@ -543,7 +397,7 @@ class TarFlow(nn.Module):
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
       raise ValueError(
         f"TarFlow.{what} expects latents [B, {', '.join(map(str, expected))}], "
-        f"got {tuple(x.shape)}; check FlowConfig.input_size/in_channels."
+        f"got {tuple(x.shape)}; check TarFlowConfig.input_size/in_channels."
       )
 
   def flow_blocks(self) -> list[FlowBlock]:
@@ -601,7 +455,7 @@ class TarFlow(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def flow_flops_per_example(config: FlowConfig, *, training: bool = False) -> float:
+def flow_flops_per_example(config: TarFlowConfig, *, training: bool = False) -> float:
   """Analytic forward FLOPs of one example (2 x MACs of every matmul); `training` = 3x."""
   c = config
   t, d, w = c.num_tokens, c.token_dim, c.width
@@ -618,7 +472,7 @@ def flow_flops_per_example(config: FlowConfig, *, training: bool = False) -> flo
   return 3.0 * total if training else total
 
 
-def count_params(config: FlowConfig) -> int:
+def count_params(config: TarFlowConfig) -> int:
   """Number of parameters, from `jax.eval_shape` of the init (nothing is allocated)."""
   model = TarFlow(config)
   x = jax.ShapeDtypeStruct(

@@ -1,6 +1,6 @@
 """Stage `diffusion`: a SiT/LightningDiT flow-matching generator on the cached FAE latents.
 
-Each step draws a normalised posterior sample (`fae_jax.stages.latent_generator`) and applies the
+Each step draws a normalised posterior sample (`fae_jax.train.latent_generator`) and applies the
 flow-matching objective (`fae_jax.flow_matching.objective`: linear path, t = 1 is noise, velocity
 target, uniform or logit-normal time with the shift) to the network (`fae_jax.models.dit`) with
 class-label dropout for guidance. The network, the objective and the sampler are separate
@@ -13,21 +13,18 @@ objective's time settings). Complete when `export/model.json` exists.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fae_jax import params_store
+from fae_jax import artifacts
 from fae_jax.flow_matching import objective
 from fae_jax.flow_matching import path as fm_path
 from fae_jax.models import dit as dit_model
-from fae_jax.stages import latent_generator as generator
 from fae_jax.stages.context import StageContext
+from fae_jax.train import latent_generator as generator
 
 NAME = "diffusion"
-EXPORT_META = generator.EXPORT_META
 
 
 def time_shift(config: ml_collections.ConfigDict) -> float:
@@ -50,16 +47,8 @@ def model_config(
   )
 
 
-def load_export(workdir) -> tuple[Any, dit_model.DitConfig, dict[str, Any]]:
-  directory = generator.StageDirs(workdir, NAME).export
-  meta = params_store.load_meta(
-    directory, EXPORT_META, "Run the `diffusion` stage first (add it to config.stages)."
-  )
-  return params_store.load_params(directory), dit_model.DitConfig.from_dict(meta["config"]), meta
-
-
 def is_complete(ctx: StageContext) -> bool:
-  return params_store.exists(generator.StageDirs(ctx.workdir, NAME).export, EXPORT_META)
+  return artifacts.export_exists(artifacts.export_dir(ctx.workdir, NAME))
 
 
 def make_loss_fn(model: dit_model.Dit, config: ml_collections.ConfigDict):
@@ -90,7 +79,7 @@ def make_loss_fn(model: dit_model.Dit, config: ml_collections.ConfigDict):
 
 def run(ctx: StageContext) -> dict:
   config = ctx.config
-  latent_shape, num_classes = generator.latent_geometry(ctx)
+  latent_shape, num_classes = generator.latent_geometry(ctx.workdir, config)
   mcfg = model_config(config, latent_shape, num_classes)
   model = dit_model.Dit(mcfg, dtype=jnp.dtype(config.diffusion.dtype))
   x0 = jnp.zeros((1, *latent_shape), jnp.float32)
@@ -102,7 +91,9 @@ def run(ctx: StageContext) -> dict:
 
   obj = config.diffusion.objective
   result = generator.train_and_export(
-    ctx,
+    workdir=ctx.workdir,
+    config=config,
+    mesh=ctx.mesh,
     stage=NAME,
     train_cfg=config.diffusion.train,
     init_params_fn=init_params,

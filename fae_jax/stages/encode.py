@@ -1,308 +1,37 @@
 """Stage `encode`: the frozen encoder over dataset splits -> `<workdir>/features/<split>/`.
 
-Each split becomes an ArrayRecord cache (`fae_jax.data.array_cache`) of patch tokens
-(bfloat16 `[N, D]`), labels, example ids and a `valid` flag (0 for an image that could not be
-decoded; such examples are counted, logged and skipped by readers). The manifest records the
-encoder fingerprint and the preprocessing, so a later stage never reads features of another
-encoder.
-
-Multi-host: shard `i` belongs to process `i % process_count`, and each process encodes its own
-shards on its local devices (encoding needs no cross-host communication); hosts meet at a
-barrier before process 0 writes the manifest. Resumable at shard granularity: after a restart,
-complete shards are skipped and a partial shard is rewritten from its start.
+The cache format, its metadata checks and the resumable multi-host writer are
+`fae_jax.data.feature_cache`; this stage runs the writer over `config.encode.splits` with the
+converted encoder and reports counts and throughput. Complete when every split's cache is.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from absl import logging
-from etils import epath
-from jax.experimental import multihost_utils
 
-from fae_jax import encoder_checkpoint, sharding
-from fae_jax.data import array_cache, pipeline, sources
-from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
+from fae_jax import artifacts
+from fae_jax.data import array_cache, feature_cache
 from fae_jax.stages.context import StageContext
 
 NAME = "encode"
-OUTPUT = "features"
-
-
-def split_name(config: ml_collections.ConfigDict, split_key: str) -> str:
-  """'train' / 'eval' -> the dataset's split name from `config.data`."""
-  if split_key == "train":
-    return config.data.train_split
-  if split_key == "eval":
-    return config.data.eval_split
-  raise ValueError(f"config.encode.splits entries must be 'train' or 'eval', got {split_key!r}.")
-
-
-def split_limit(config: ml_collections.ConfigDict, split_key: str) -> int | None:
-  return config.data.max_train_examples if split_key == "train" else config.data.max_eval_examples
-
-
-def encoder_spec(config: ml_collections.ConfigDict, backbone_config) -> EncoderSpec:
-  return EncoderSpec(
-    backbone=backbone_config,
-    image_size=int(config.encoder.image_size),
-    features=config.encoder.features,
-  )
-
-
-def cache_dir(root: epath.Path, split_key: str) -> epath.Path:
-  """`root` is a workdir (or a StageContext's upstream) holding `features/`."""
-  return epath.Path(root) / OUTPUT / split_key
-
-
-def cache_metadata(
-  config: ml_collections.ConfigDict, encoder_meta: dict[str, Any], split_key: str
-) -> dict[str, Any]:
-  """What must match for a cached feature to be reused (checked by every reader)."""
-  return {
-    "encoder_fingerprint": encoder_meta["fingerprint"],
-    "encoder_random": bool(encoder_meta["source"].get("random")),
-    "encoder_image_size": int(config.encoder.image_size),
-    "features": config.encoder.features,
-    "dataset": config.data.name,
-    "split": split_name(config, split_key),
-    "data_image_size": config.data.image_size,
-  }
-
-
-def feature_cache_source(
-  ctx: StageContext, split_key: str, encoder_meta: dict[str, Any], consumer: str
-) -> array_cache.CacheSource:
-  """The complete feature cache of a split, checked against the current encoder and config.
-
-  `consumer` is the config section that reads it (e.g. 'fae', 'pixel'), named in the error.
-  """
-  directory = cache_dir(ctx.upstream, split_key)
-  if not array_cache.is_complete(directory):
-    raise FileNotFoundError(
-      f"The feature cache {directory} is missing or incomplete: run the `encode` stage first "
-      f"(add 'encode' to config.stages), or set config.{consumer}.input='encoder' to encode on "
-      "the fly."
-    )
-  expected = cache_metadata(ctx.config, encoder_meta, split_key)
-  return array_cache.CacheSource(directory, expected_metadata=expected, stage=NAME)
-
-
-def cache_spec(spec: EncoderSpec) -> dict[str, tuple[tuple[int, ...], str]]:
-  return {"features": ((spec.num_tokens, spec.feature_dim), "bfloat16")}
-
-
-def make_encode_fn(spec: EncoderSpec, dtype) -> Any:
-  """`(params, uint8 images [B, H, W, 3]) -> {"features": bfloat16 [B, N, D]}` (to be jitted)."""
-
-  def fn(params, images):
-    feats = encode_images(spec, params, images_to_model_range(images), dtype=dtype)
-    return {"features": feats.astype(jnp.bfloat16)}
-
-  return fn
-
-
-class _Progress:
-  """Logs examples/s and the ETA every `every` seconds."""
-
-  def __init__(self, total: int, what: str, every: float):
-    self.total, self.what, self.every = total, what, every
-    self.done = 0
-    self.t_start = time.time()
-    self.t_first = None  # after the first batch: excludes compilation from the rate
-    self.done_first = 0
-    self.t_log = self.t_start
-
-  def update(self, n: int) -> None:
-    self.done += n
-    now = time.time()
-    if self.t_first is None:
-      self.t_first, self.done_first = now, self.done
-      return
-    if now - self.t_log >= self.every or self.done >= self.total:
-      self.t_log = now
-      rate = self.rate()
-      eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-      logging.info(
-        "%s: %d/%d examples, %.1f examples/s, ETA %.0f s",
-        self.what,
-        self.done,
-        self.total,
-        rate,
-        eta,
-      )
-
-  def rate(self) -> float:
-    if self.t_first is None:
-      return 0.0
-    dt = time.time() - self.t_first
-    n = self.done - self.done_first
-    if n <= 0 or dt <= 0:  # a single batch: fall back to the total including compilation
-      dt, n = time.time() - self.t_start, self.done
-    return n / dt if dt > 0 else 0.0
-
-
-def write_image_cache(
-  config: ml_collections.ConfigDict,
-  directory: epath.Path,
-  split_key: str,
-  *,
-  spec: dict[str, tuple[tuple[int, ...], str]],
-  metadata: dict[str, Any],
-  compute_fn: Any,
-  params: Any,
-  what: str,
-  devices: Sequence[jax.Device] | None = None,
-  stop_after_shards: int | None = None,
-) -> dict[str, Any]:
-  """Runs `compute_fn(params, uint8 images)` over a split and caches its outputs per example.
-
-  `spec` names the computed fields (plus `label`, `id`, `valid`, added here) with their shapes and
-  dtypes; `compute_fn` returns a dict of `[B, ...]` arrays already in those dtypes. Shared by the
-  `encode` (features) and `latents` (FAE posteriors) stages. `stop_after_shards` (tests) stops
-  after writing that many shards, like an interrupted run.
-  """
-  split = split_name(config, split_key)
-  source = sources.make_source(config.data, split)
-  total = len(source)
-  limit = split_limit(config, split_key)
-  if limit is not None:
-    total = min(total, int(limit))
-  spec = {**spec, "label": ((), "int32"), "id": ((), "int64"), "valid": ((), "uint8")}
-  writer = array_cache.CacheWriter(
-    directory,
-    spec,
-    total,
-    int(config.encode.examples_per_shard),
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    metadata=metadata,
-    stage=what,
-  )
-  mesh = sharding.make_mesh(devices=list(devices or jax.local_devices()))
-  batch_size = int(config.encode.batch_size) // jax.process_count()
-  if batch_size % mesh.size:
-    raise ValueError(
-      f"config.encode.batch_size={config.encode.batch_size} gives {batch_size} per process, "
-      f"not divisible by the {mesh.size} local devices; use a multiple of {mesh.size}."
-    )
-  batch = sharding.batch_sharding(mesh)
-  fn = jax.jit(compute_fn, in_shardings=(sharding.replicated(mesh), batch), out_shardings=batch)
-  params = jax.device_put(params, sharding.replicated(mesh))
-  pending = writer.pending_shards()
-  todo = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in pending)
-  logging.info(
-    "%s %s (%s): %d examples in %d shards, %d shards (%d examples) to do on this process.",
-    what,
-    split_key,
-    split,
-    total,
-    math_ceil(total, int(config.encode.examples_per_shard)),
-    len(pending),
-    todo,
-  )
-  progress = _Progress(todo, f"{what}/{split_key}", float(config.encode.log_every_seconds))
-  num_invalid = 0
-  for count, shard in enumerate(pending):
-    if stop_after_shards is not None and count >= stop_after_shards:
-      return {"interrupted": True}
-    start, end = writer.shard_range(shard)
-    ds = pipeline.make_ordered_dataset(
-      config.data,
-      split,
-      batch_size=batch_size,
-      start_index=start,
-      end_index=end,
-      process_index=0,
-      process_count=1,
-      source=source,
-    )
-    with writer.open_shard(shard) as out:
-      for records in ds:
-        outputs = jax.device_get(fn(params, records["image"]))
-        keep = records["id"] >= 0  # drops padding past the shard's end
-        valid = np.asarray(records["valid"])[keep]
-        num_invalid += int((~valid).sum())
-        row = {k: np.asarray(v)[keep] for k, v in outputs.items()}
-        row["label"] = np.asarray(records["label"], np.int32)[keep]
-        row["id"] = np.asarray(records["id"], np.int64)[keep]
-        row["valid"] = valid.astype(np.uint8)
-        out.write(row)
-        progress.update(int(keep.sum()))
-  if num_invalid:
-    logging.warning(
-      "%s %s: %d image(s) could not be decoded; cached with valid=0 and skipped by readers.",
-      what,
-      split_key,
-      num_invalid,
-    )
-  multihost_utils.sync_global_devices(f"fae_jax:{what}:{split_key}")
-  writer.finalize()
-  rate = progress.rate()
-  logging.info(
-    "%s %s: done, %d examples this run at %.1f examples/s -> %s",
-    what,
-    split_key,
-    progress.done,
-    rate,
-    directory,
-  )
-  return {"num_examples": total, "encoded": progress.done, "rate": rate, "invalid": num_invalid}
-
-
-def encode_split(
-  config: ml_collections.ConfigDict,
-  root: epath.Path,
-  split_key: str,
-  *,
-  params: Any,
-  spec: EncoderSpec,
-  encoder_meta: dict[str, Any],
-  devices: Sequence[jax.Device] | None = None,
-  stop_after_shards: int | None = None,
-) -> dict[str, Any]:
-  """Encodes one split into `<root>/features/<split_key>`; returns counts and throughput."""
-  return write_image_cache(
-    config,
-    cache_dir(root, split_key),
-    split_key,
-    spec=cache_spec(spec),
-    metadata=cache_metadata(config, encoder_meta, split_key),
-    compute_fn=make_encode_fn(spec, jnp.dtype(config.encoder.dtype)),
-    params=params,
-    what=NAME,
-    devices=devices,
-    stop_after_shards=stop_after_shards,
-  )
-
-
-def math_ceil(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def load_frozen_encoder(ctx: StageContext) -> tuple[Any, EncoderSpec, dict[str, Any]]:
-  params, backbone_config, meta = encoder_checkpoint.load_encoder(ctx.encoder_dir)
-  return params, encoder_spec(ctx.config, backbone_config), meta
 
 
 def is_complete(ctx: StageContext) -> bool:
   return all(
-    array_cache.is_complete(cache_dir(ctx.upstream, key)) for key in ctx.config.encode.splits
+    array_cache.is_complete(feature_cache.cache_dir(ctx.upstream, key))
+    for key in ctx.config.encode.splits
   )
 
 
 def run(ctx: StageContext) -> dict:
-  params, spec, meta = load_frozen_encoder(ctx)
+  params, spec, meta = artifacts.load_frozen_encoder(ctx.encoder_dir, ctx.config)
   t0 = time.time()
   results = {}
   for key in ctx.config.encode.splits:
-    results[key] = encode_split(
+    results[key] = feature_cache.encode_split(
       ctx.config, ctx.upstream, key, params=params, spec=spec, encoder_meta=meta
     )
   encoded = sum(r["encoded"] for r in results.values())

@@ -36,28 +36,25 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from fae_jax import artifacts, encoder_checkpoint, sharding
 from fae_jax import report as report_lib
-from fae_jax import sharding
 from fae_jax.autoencoder import Autoencoder
-from fae_jax.data import sources
+from fae_jax.data import feature_cache, pipeline, sources
 from fae_jax.evaluation import frechet, grids, linear_probe
-from fae_jax.flow_matching import sampler
-from fae_jax.flows import sampling as flow_sampling
+from fae_jax.fileio import write_json_atomic
+from fae_jax.flow_matching import dit_sampler
 from fae_jax.models import dit as dit_model
 from fae_jax.models import tarflow
-from fae_jax.stages import diffusion as diffusion_stage
-from fae_jax.stages import encode
-from fae_jax.stages import fae as fae_stage
-from fae_jax.stages import flow as flow_stage
 from fae_jax.stages.context import StageContext
+from fae_jax.tarflow import sampler as tarflow_sampler
 
 NAME = "evaluate"
 OUTPUT = "eval"
 METRICS = "metrics.json"
 
 # A generator for evaluation: `(rng, labels [B]) -> normalised latents [B, h, w, c]` given its
-# guidance setting, plus the latent statistics to undo the normalisation.
-SampleFn = Callable[[jax.Array, jax.Array], jax.Array]
+# guidance setting (the latent statistics undo the normalisation).
+SampleFn = dit_sampler.SampleFn
 
 
 def is_complete(ctx: StageContext) -> bool:
@@ -85,40 +82,6 @@ def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, dict[str, A
       "diffusion_coeff": float(s.get("diffusion_coeff", 1.0)),
     }
   return out
-
-
-def make_diffusion_sampler(
-  model: dit_model.Dit, params: Any, *, shift: float, setting: dict[str, Any], mesh
-) -> SampleFn:
-  """Jitted, batch-sharded sampling of normalised latents with the DiT."""
-  null = model.config.null_class
-  shape = (model.config.input_size, model.config.input_size, model.config.in_channels)
-
-  def fn(params, rng, labels):
-    k_noise, k_sde = jax.random.split(rng)
-    x1 = jax.random.normal(k_noise, (labels.shape[0], *shape), jnp.float32)
-
-    def velocity(x, t, y):
-      return model.apply({"params": params}, x, t, y, train=False)
-
-    return sampler.sample(
-      velocity,
-      x1,
-      labels,
-      method=setting["method"],
-      num_steps=setting["num_steps"],
-      shift=shift,
-      guidance_bands=setting["bands"],
-      null_label=null,
-      rng=k_sde,
-      diffusion_coeff=setting["diffusion_coeff"],
-    )
-
-  batch = sharding.batch_sharding(mesh)
-  rep = sharding.replicated(mesh)
-  jitted = jax.jit(fn, in_shardings=(rep, rep, batch), out_shardings=batch)
-  params = jax.device_put(params, rep)
-  return lambda rng, labels: jitted(params, rng, labels)
 
 
 def generate_images(
@@ -157,24 +120,26 @@ def real_pooled_features(
   ctx: StageContext, ae: Autoencoder, split_key: str, max_examples: int, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
   """Pooled features and labels of real images (the feature cache when it is there)."""
-  from fae_jax.stages.fae import feature_batches
-
   xs, ys = [], []
-  cache_ok = encode.cache_dir(ctx.upstream, split_key)
-  use_cache = ctx.config.fae.input == "cache" and (cache_ok / "manifest.json").exists()
+  cache = feature_cache.cache_dir(ctx.upstream, split_key)
+  use_cache = ctx.config.fae.input == "cache" and (cache / "manifest.json").exists()
   if use_cache:
-    encoder = (None, ae.spec, _encoder_meta(ctx))
-    for x, y in feature_batches(
-      ctx, split_key, max_examples=max_examples, batch_size=batch_size, encoder=encoder
+    encoder = (None, ae.spec, encoder_checkpoint.load_metadata(ctx.encoder_dir))
+    for x, y in feature_cache.feature_batches(
+      ctx.upstream,
+      ctx.config,
+      split_key,
+      max_examples=max_examples,
+      batch_size=batch_size,
+      encoder=encoder,
+      from_cache=True,
     ):
       xs.append(np.asarray(linear_probe.pool_tokens(x)))
       ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
-  split = encode.split_name(ctx.config, split_key)
+  split = feature_cache.split_name(ctx.config, split_key)
   source = sources.make_source(ctx.config.data, split)
   n = min(len(source), max_examples)
-  from fae_jax.data import pipeline
-
   ds = pipeline.make_ordered_dataset(
     ctx.config.data,
     split,
@@ -191,12 +156,6 @@ def real_pooled_features(
   return np.concatenate(xs), np.concatenate(ys)
 
 
-def _encoder_meta(ctx: StageContext) -> dict[str, Any]:
-  from fae_jax import encoder_checkpoint
-
-  return encoder_checkpoint.load_metadata(ctx.encoder_dir)
-
-
 def fd(a: np.ndarray, b: np.ndarray) -> float:
   return float(
     frechet.frechet_distance(
@@ -205,9 +164,14 @@ def fd(a: np.ndarray, b: np.ndarray) -> float:
   )
 
 
-def diffusion_generators(ctx: StageContext) -> dict[str, tuple[Any, Any, dict[str, np.ndarray]]]:
-  """`{"trained": (model, params, stats), "untrained": (...)}` for the DiT."""
-  params, mcfg, meta = diffusion_stage.load_export(ctx.workdir)
+def diffusion_generators(
+  ctx: StageContext,
+) -> dict[str, tuple[dit_model.Dit, Any, dict[str, np.ndarray], dict[str, Any]]]:
+  """`{"trained": (model, params, stats, meta), "untrained": (...)}` for the DiT; `meta` is the
+  export's `model.json` (both entries share it), `stats` its per-channel latent statistics."""
+  params, mcfg, meta = artifacts.load_export(
+    "diffusion", artifacts.export_dir(ctx.workdir, "diffusion")
+  )
   model = dit_model.Dit(mcfg, dtype=jnp.dtype(ctx.config.diffusion.dtype))
   stats = {k: np.asarray(v, np.float32) for k, v in meta["latent_stats"].items()}
   x0 = jnp.zeros((1, mcfg.input_size, mcfg.input_size, mcfg.in_channels))
@@ -222,17 +186,16 @@ def diffusion_generators(ctx: StageContext) -> dict[str, tuple[Any, Any, dict[st
 Run = tuple[str, str, Callable[[], SampleFn]]
 
 
-def diffusion_runs(
-  ctx: StageContext, settings: dict[str, dict[str, Any]]
-) -> tuple[list[Run], dict[str, np.ndarray], dict[str, Any]]:
+def diffusion_runs(ctx: StageContext) -> tuple[list[Run], dict[str, np.ndarray], dict[str, Any]]:
   """The DiT's runs (trained x each setting, untrained unguided), its latent statistics and the
   sampler settings for the report."""
+  settings = sampler_settings(ctx.config)
   gens = diffusion_generators(ctx)
   shift = float(gens["trained"][3]["time_shift"])
 
   def build(which: str, name: str) -> Callable[[], SampleFn]:
     model, params, _, _ = gens[which]
-    return lambda: make_diffusion_sampler(
+    return lambda: dit_sampler.make_sample_fn(
       model, params, shift=shift, setting=settings[name], mesh=ctx.mesh
     )
 
@@ -261,7 +224,7 @@ def make_flow_sampler(
 ) -> SampleFn:
   """Jitted, batch-sharded sampling of normalised latents with the flow (replicated params)."""
   scale = setting["guidance_scale"]
-  jitted = flow_sampling.make_sample_fn(
+  jitted = tarflow_sampler.make_sample_fn(
     model,
     mesh=mesh,
     temperature=setting["temperature"],
@@ -276,7 +239,7 @@ def make_flow_sampler(
 def flow_runs(ctx: StageContext) -> tuple[list[Run], dict[str, np.ndarray], dict[str, Any]]:
   """The flow's runs (trained x each setting, untrained unguided: a fresh flow is the identity,
   so that reference decodes Gaussian noise), its latent statistics and sampler settings."""
-  params, mcfg, meta = flow_stage.load_export(ctx.workdir)
+  params, mcfg, meta = artifacts.load_export("flow", artifacts.export_dir(ctx.workdir, "flow"))
   model = tarflow.TarFlow(mcfg)
   stats = {k: np.asarray(v, np.float32) for k, v in meta["latent_stats"].items()}
   settings = flow_settings(ctx.config)
@@ -297,16 +260,20 @@ def flow_runs(ctx: StageContext) -> tuple[list[Run], dict[str, np.ndarray], dict
   return [(which, name, build(which, name)) for which, name in pairs], stats, settings
 
 
+# The generators `config.evaluate.generators` may name (the stage that trains each):
+# name -> `(ctx) -> (runs, latent stats, sampler settings for the report)`.
+GENERATORS: dict[str, Callable[[StageContext], tuple[list[Run], dict[str, np.ndarray], Any]]] = {
+  "diffusion": diffusion_runs,
+  "flow": flow_runs,
+}
+
+
 def run(ctx: StageContext) -> dict:
   config = ctx.config
   ev = config.evaluate
   out_dir = ctx.workdir / OUTPUT
   out_dir.mkdir(parents=True, exist_ok=True)
-  ae = Autoencoder.load(
-    ctx.workdir,
-    encoder_dir=ctx.encoder_dir,
-    fae_dir=ctx.stage_dir(fae_stage.NAME) / fae_stage.EXPORT,
-  )
+  ae = Autoencoder.load(ctx.workdir, encoder_dir=ctx.encoder_dir)
   num_classes = sources.num_classes(config.data)
   n = int(ev.num_samples)
   bs = int(ev.batch_size)
@@ -330,18 +297,15 @@ def run(ctx: StageContext) -> dict:
   }
   writer = metric_writers.create_default_writer(str(out_dir), just_logging=jax.process_index() > 0)
   labels = balanced_labels(n, num_classes)
-  settings = sampler_settings(config)
   rng = jax.random.key(config.seed)
+  unknown = [g for g in ev.generators if g not in GENERATORS]
+  if unknown:
+    raise ValueError(
+      f"config.evaluate.generators: unknown generator(s) {unknown}; choose from "
+      f"{tuple(GENERATORS)}."
+    )
   for generator in ev.generators:
-    if generator == "diffusion":
-      runs, stats, samplers = diffusion_runs(ctx, settings)
-    elif generator == "flow":
-      runs, stats, samplers = flow_runs(ctx)
-    else:
-      raise ValueError(
-        f"config.evaluate.generators: unknown generator {generator!r}; "
-        "choose from ('diffusion', 'flow')."
-      )
+    runs, stats, samplers = GENERATORS[generator](ctx)
     res: dict[str, Any] = {}
     for which, name, make_sample_fn in runs:
       sample_fn = make_sample_fn()
@@ -372,7 +336,7 @@ def run(ctx: StageContext) -> dict:
     metrics[generator] = res
   writer.close()
   if jax.process_index() == 0:
-    report_lib.write_json_atomic(out_dir / METRICS, metrics)
+    write_json_atomic(out_dir / METRICS, metrics)
     for section, values in metrics.items():
       report_lib.update_report(ctx.workdir, section, values)
   logging.info("evaluate: %s", json.dumps(metrics, indent=2, default=str))

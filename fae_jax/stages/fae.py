@@ -15,32 +15,27 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from fae_jax import encoder_checkpoint, params_store, sharding
-from fae_jax.data import pipeline
+from fae_jax import artifacts, sharding
+from fae_jax.data import feature_cache, pipeline
 from fae_jax.evaluation import features as feature_metrics
 from fae_jax.evaluation import linear_probe
+from fae_jax.fileio import write_json_atomic
 from fae_jax.losses import fae as fae_losses
 from fae_jax.models import fae as fae_model
 from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
-from fae_jax.report import write_json_atomic
-from fae_jax.stages import encode
 from fae_jax.stages.context import StageContext
 from fae_jax.train import loop
 from fae_jax.train import metrics as train_metrics
 
 NAME = "fae"
-EXPORT = "export"
-EXPORT_META = "model.json"
 RESULTS = "results.json"
 
 # `config.fae.model` fields that are not FaeConfig fields (they come from the encoder).
@@ -54,65 +49,21 @@ def model_config(config: ml_collections.ConfigDict, spec: EncoderSpec) -> fae_mo
   return fae_model.FaeConfig(feature_dim=spec.feature_dim, grid=spec.grid, **fields)
 
 
-def load_export(directory) -> tuple[Any, fae_model.FaeConfig, dict[str, Any]]:
-  """Exported FAE weights: `(params, FaeConfig, meta)`."""
-  meta = params_store.load_meta(
-    directory, EXPORT_META, "Run the `fae` stage first (python -m fae_jax.main ... stages fae)."
-  )
-  return params_store.load_params(directory), fae_model.FaeConfig.from_dict(meta["config"]), meta
-
-
 def is_complete(ctx: StageContext) -> bool:
   return (ctx.stage_dir(NAME) / RESULTS).exists()
 
 
 def _feature_source(ctx: StageContext, split_key: str, encoder_meta: dict[str, Any]):
-  return encode.feature_cache_source(ctx, split_key, encoder_meta, "fae")
-
-
-def feature_batches(
-  ctx: StageContext,
-  split_key: str,
-  *,
-  max_examples: int | None,
-  batch_size: int,
-  encoder: tuple[Any, EncoderSpec, dict[str, Any]],
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Ordered `(features float32 [B, N, D], labels [B])` of a split (cache or on the fly)."""
-  params, spec, meta = encoder
-  if ctx.config.fae.input == "cache":
-    source = _feature_source(ctx, split_key, meta)
-    n = len(source) if max_examples is None else min(len(source), int(max_examples))
-    ds = grain.MapDataset.source(source)[:n].to_iter_dataset().batch(batch_size)
-    for batch in ds:
-      keep = batch["valid"].astype(bool)
-      yield batch["features"][keep].astype(np.float32), batch["label"][keep]
-    return
-  split = encode.split_name(ctx.config, split_key)
-  limit = encode.split_limit(ctx.config, split_key)
-  limits = [v for v in (max_examples, limit) if v is not None]
-  end = min(limits) if limits else None
-  fn = jax.jit(lambda p, im: encode_images(spec, p, images_to_model_range(im)))
-  ds = pipeline.make_ordered_dataset(
-    ctx.config.data,
-    split,
-    batch_size=batch_size,
-    end_index=end,
-    process_index=0,
-    process_count=1,
+  return feature_cache.feature_cache_source(
+    ctx.upstream, ctx.config, split_key, encoder_meta, "fae"
   )
-  for batch in ds:
-    keep = batch["valid"].astype(bool)
-    yield np.asarray(fn(params, batch["image"]))[keep], batch["label"][keep]
 
 
 def _load_encoder(ctx: StageContext, need_params: bool):
   if need_params:
-    return encode.load_frozen_encoder(ctx)
-  meta = encoder_checkpoint.load_metadata(ctx.encoder_dir)
-  from fae_jax.models.dinov2 import Dinov2Config
-
-  return None, encode.encoder_spec(ctx.config, Dinov2Config.from_dict(meta["config"])), meta
+    return artifacts.load_frozen_encoder(ctx.encoder_dir, ctx.config)
+  spec, meta = artifacts.load_encoder_spec(ctx.encoder_dir, ctx.config)
+  return None, spec, meta
 
 
 def _apply_fns(model: fae_model.Fae):
@@ -140,8 +91,14 @@ def evaluate(
 
   def run(split_key, max_examples):
     xs, xh, zs, ys, cos, num, den = [], [], [], [], [], 0.0, 0.0
-    for x, y in feature_batches(
-      ctx, split_key, max_examples=max_examples, batch_size=bs, encoder=encoder
+    for x, y in feature_cache.feature_batches(
+      ctx.upstream,
+      ctx.config,
+      split_key,
+      max_examples=max_examples,
+      batch_size=bs,
+      encoder=encoder,
+      from_cache=ctx.config.fae.input == "cache",
     ):
       n = len(y)
       if n < bs:  # pad to a static shape: one compilation
@@ -231,15 +188,7 @@ def run(ctx: StageContext) -> dict:
   else:
 
     def data_iter_fn():
-      ds = pipeline.make_dataset(
-        config.data,
-        config.data.train_split,
-        batch_size=per_process,
-        seed=config.seed,
-        shuffle=True,
-        end_index=config.data.max_train_examples,
-      )
-      return iter(ds.map(lambda b: {"image": b["image"]}))
+      return pipeline.make_train_image_iter(config, per_process)
 
     def loss_fn(params, batch, rng, frozen):
       x = encode_images(spec, frozen, images_to_model_range(batch["image"]), dtype=dtype)
@@ -268,9 +217,9 @@ def run(ctx: StageContext) -> dict:
   )
   train_seconds = time.time() - t0
   final = state.final_params()
-  export_dir = ctx.stage_dir(NAME) / EXPORT
-  if jax.process_index() == 0 and not params_store.exists(export_dir, EXPORT_META):
-    params_store.save_params(
+  export_dir = artifacts.export_dir(ctx.workdir, NAME)
+  if jax.process_index() == 0 and not artifacts.export_exists(export_dir):
+    artifacts.save_export(
       export_dir,
       final,
       {
@@ -280,7 +229,6 @@ def run(ctx: StageContext) -> dict:
         "step": int(state.step),
         "encoder_fingerprint": enc_meta["fingerprint"],
       },
-      EXPORT_META,
     )
   logging.info("fae: evaluating the final model (reconstruction and linear probes)")
   results = evaluate(ctx, model, jax.device_get(final), encoder, probe=True)

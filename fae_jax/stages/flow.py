@@ -2,10 +2,10 @@
 
 The same data path as the `diffusion` stage: each step draws, per example, the original or the
 flipped posterior (probability 1/2), samples `z = mean + std * eps`, and normalises it per
-channel with `latents/stats.json`. The objective (`fae_jax.flows.objective.flow_loss`) adds the
+channel with `latents/stats.json`. The objective (`fae_jax.tarflow.objective.flow_loss`) adds the
 training noise `noise_sigma * eps`, drops labels to the null class for guidance, and minimises
 the exact negative log-likelihood of the deep-shallow flow (`fae_jax.models.tarflow`). The
-network, the objective and the sampler (`fae_jax.flows.sampling`) are separate modules; this
+network, the objective and the sampler (`fae_jax.tarflow.sampler`) are separate modules; this
 stage only wires them to the data and the train loop.
 
 The loop logs the objective's metrics under `train/` (`train/bpd` is bits per dimension of the
@@ -13,35 +13,32 @@ noise-augmented, normalised latents; it can be negative and is comparable only b
 the same latents with the same `noise_sigma`).
 
 Outputs in `<workdir>/flow/`: TensorBoard events, `train_log.jsonl`, `checkpoints/`, `export/`
-(EMA weights + `model.json` with the FlowConfig and the latent statistics). Complete when
+(EMA weights + `model.json` with the TarFlowConfig and the latent statistics). Complete when
 `export/model.json` exists.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fae_jax import params_store
-from fae_jax.flows import objective
+from fae_jax import artifacts
 from fae_jax.models import tarflow
-from fae_jax.stages import latent_generator as generator
 from fae_jax.stages.context import StageContext
+from fae_jax.tarflow import objective
+from fae_jax.train import latent_generator as generator
 from fae_jax.train import metrics as train_metrics
 
 NAME = "flow"
-EXPORT_META = generator.EXPORT_META
-# FlowConfig fields that come from the latents and the dataset, never from config.flow.model.
+# TarFlowConfig fields that come from the latents and the dataset, never from config.flow.model.
 DERIVED_FIELDS = ("input_size", "in_channels", "num_classes")
 
 
 def model_config(
   config: ml_collections.ConfigDict, latent_shape: tuple[int, int, int], num_classes: int
-) -> tarflow.FlowConfig:
-  """FlowConfig from `config.flow.model` (+ `config.flow.dtype`) and the latent geometry."""
+) -> tarflow.TarFlowConfig:
+  """TarFlowConfig from `config.flow.model` (+ `config.flow.dtype`) and the latent geometry."""
   m = config.flow.model.to_dict()
   derived = sorted(set(m) & set(DERIVED_FIELDS))
   if derived:
@@ -51,7 +48,7 @@ def model_config(
   h, w, c = latent_shape
   if h != w:
     raise ValueError(f"The flow needs a square latent grid, got {h}x{w}.")
-  return tarflow.FlowConfig.from_dict(
+  return tarflow.TarFlowConfig.from_dict(
     {
       **m,
       "input_size": h,
@@ -62,17 +59,8 @@ def model_config(
   )
 
 
-def load_export(workdir) -> tuple[Any, tarflow.FlowConfig, dict[str, Any]]:
-  """`(EMA params, FlowConfig, model.json)` of the trained flow."""
-  directory = generator.StageDirs(workdir, NAME).export
-  meta = params_store.load_meta(
-    directory, EXPORT_META, "Run the `flow` stage first (add it to config.stages)."
-  )
-  return params_store.load_params(directory), tarflow.FlowConfig.from_dict(meta["config"]), meta
-
-
 def is_complete(ctx: StageContext) -> bool:
-  return params_store.exists(generator.StageDirs(ctx.workdir, NAME).export, EXPORT_META)
+  return artifacts.export_exists(artifacts.export_dir(ctx.workdir, NAME))
 
 
 def make_loss_fn(model: tarflow.TarFlow):
@@ -88,7 +76,7 @@ def make_loss_fn(model: tarflow.TarFlow):
 
 def run(ctx: StageContext) -> dict:
   config = ctx.config
-  latent_shape, num_classes = generator.latent_geometry(ctx)
+  latent_shape, num_classes = generator.latent_geometry(ctx.workdir, config)
   mcfg = model_config(config, latent_shape, num_classes)
   model = tarflow.TarFlow(mcfg)
   x0 = jnp.zeros((1, *latent_shape), jnp.float32)
@@ -97,7 +85,9 @@ def run(ctx: StageContext) -> dict:
     return model.init({"params": rng}, x0, jnp.zeros((1,), jnp.int32))["params"]
 
   result = generator.train_and_export(
-    ctx,
+    workdir=ctx.workdir,
+    config=config,
+    mesh=ctx.mesh,
     stage=NAME,
     train_cfg=config.flow.train,
     init_params_fn=init_params,
@@ -110,9 +100,7 @@ def run(ctx: StageContext) -> dict:
     f"TarFlow width {mcfg.width}, deep {mcfg.deep_depth} + {mcfg.num_shallow}x"
     f"{mcfg.shallow_depth} layers, patch {mcfg.patch_size}"
   )
-  bpd = train_metrics.logged_loss_curve(
-    generator.StageDirs(ctx.workdir, NAME).root, key="train/bpd"
-  )
+  bpd = train_metrics.logged_loss_curve(ctx.stage_dir(NAME), key="train/bpd")
   if bpd:
     result["bits_per_dim_first"] = bpd["train_loss_first"]
     result["bits_per_dim"] = bpd["train_loss_last"]

@@ -10,13 +10,12 @@ normalised latents; `stats.json` holds those per-channel statistics:
   mean_c = E[mean]                     (over images, flips and positions)
   std_c  = sqrt(Var[mean] + E[std^2])  (the standard deviation of sampled z)
 
-Resumable at shard granularity (it reuses the `encode` stage's cache writer); complete when the
+Resumable at shard granularity (`fae_jax.data.feature_cache.write_image_cache`); complete when the
 cache manifest and `stats.json` exist.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -25,28 +24,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 
-from fae_jax.data import array_cache
+from fae_jax import artifacts
+from fae_jax.data import array_cache, feature_cache
+from fae_jax.fileio import write_json_atomic
 from fae_jax.models import fae as fae_model
 from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
-from fae_jax.report import write_json_atomic
-from fae_jax.stages import encode
-from fae_jax.stages import fae as fae_stage
 from fae_jax.stages.context import StageContext
 
-NAME = "latents"
-STATS = "stats.json"
+NAME = feature_cache.LATENTS_STAGE
 FIELDS = ("mean", "std", "mean_flip", "std_flip")
 
 
-def cache_dir(workdir: epath.Path, split_key: str = "train") -> epath.Path:
-  return epath.Path(workdir) / NAME / split_key
-
-
 def is_complete(ctx: StageContext) -> bool:
-  return array_cache.is_complete(cache_dir(ctx.workdir)) and (ctx.stage_dir(NAME) / STATS).exists()
+  return (
+    array_cache.is_complete(feature_cache.latent_cache_dir(ctx.workdir))
+    and feature_cache.latent_stats_path(ctx.workdir).exists()
+  )
 
 
 def make_posterior_fn(
@@ -95,7 +90,7 @@ def write_from_feature_cache(
   spec = {"mean": shape, "std": shape, "label": ((), "int32"), "id": ((), "int64")}
   spec["valid"] = ((), "uint8")
   writer = array_cache.CacheWriter(
-    cache_dir(ctx.workdir),
+    feature_cache.latent_cache_dir(ctx.workdir),
     spec,
     len(features),
     int(features.manifest["examples_per_shard"]),
@@ -158,32 +153,11 @@ def channel_stats(source: Any, batch_size: int = 256) -> dict[str, list[float]]:
   return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 1e-12)).tolist(), "count": n}
 
 
-def load_stats(workdir: epath.Path) -> dict[str, np.ndarray]:
-  path = epath.Path(workdir) / NAME / STATS
-  if not path.exists():
-    raise FileNotFoundError(f"{path} is missing: run the `latents` stage first.")
-  stats = json.loads(path.read_text())
-  return {k: np.asarray(stats[k], np.float32) for k in ("mean", "std")}
-
-
-def latent_source(ctx: StageContext) -> array_cache.CacheSource:
-  directory = cache_dir(ctx.workdir)
-  if not array_cache.is_complete(directory):
-    raise FileNotFoundError(
-      f"The latent cache {directory} is missing or incomplete: run the `latents` stage first."
-    )
-  return array_cache.CacheSource(directory, stage=NAME)
-
-
 def run(ctx: StageContext) -> dict:
-  enc_params, spec, enc_meta = encode.load_frozen_encoder(ctx)
-  fae_params, fcfg, fae_meta = fae_stage.load_export(ctx.stage_dir(fae_stage.NAME) / "export")
-  if fae_meta.get("encoder_fingerprint") != enc_meta["fingerprint"]:
-    raise ValueError(
-      "The exported FAE was trained on another encoder's features "
-      f"({fae_meta.get('encoder_fingerprint')} vs {enc_meta['fingerprint']}); retrain the "
-      "`fae` stage or use the matching workdir."
-    )
+  enc_params, spec, enc_meta = artifacts.load_frozen_encoder(ctx.encoder_dir, ctx.config)
+  fae_params, fcfg, fae_meta = artifacts.load_fae_for_encoder(
+    artifacts.export_dir(ctx.workdir, "fae"), enc_meta["fingerprint"]
+  )
   dtype = jnp.dtype(ctx.config.encoder.dtype)
   h, w = fcfg.grid
   shape = ((h, w, fcfg.latent_dim), "bfloat16")
@@ -194,14 +168,14 @@ def run(ctx: StageContext) -> dict:
     "fae_step": int(fae_meta["step"]),
     "fae_weights": fae_meta["weights"],
     "dataset": ctx.config.data.name,
-    "split": encode.split_name(ctx.config, "train"),
+    "split": feature_cache.split_name(ctx.config, "train"),
     "data_image_size": ctx.config.data.image_size,
     "flip": flip,
   }
-  features_dir = encode.cache_dir(ctx.upstream, "train")
+  features_dir = feature_cache.cache_dir(ctx.upstream, "train")
   if not flip and array_cache.is_complete(features_dir):
     features = array_cache.CacheSource(
-      features_dir, expected_metadata=encode.cache_metadata(ctx.config, enc_meta, "train")
+      features_dir, expected_metadata=feature_cache.cache_metadata(ctx.config, enc_meta, "train")
     )
     logging.info("latents: from the cached features in %s (no encoder pass)", features_dir)
     metadata["source"] = "feature_cache"
@@ -209,9 +183,9 @@ def run(ctx: StageContext) -> dict:
     result = write_from_feature_cache(ctx, features, fcfg, fae_params, metadata)
     result["rate"] = result["encoded"] / max(time.time() - t0, 1e-9)
   else:
-    result = encode.write_image_cache(
+    result = feature_cache.write_image_cache(
       ctx.config,
-      cache_dir(ctx.workdir),
+      feature_cache.latent_cache_dir(ctx.workdir),
       "train",
       spec={k: shape for k in fields},
       metadata=metadata,
@@ -219,9 +193,9 @@ def run(ctx: StageContext) -> dict:
       params=(enc_params, fae_params),
       what=NAME,
     )
-  stats = channel_stats(latent_source(ctx))
+  stats = channel_stats(feature_cache.latent_source(ctx.workdir))
   if jax.process_index() == 0:
-    write_json_atomic(ctx.stage_dir(NAME) / STATS, stats)
+    write_json_atomic(feature_cache.latent_stats_path(ctx.workdir), stats)
   logging.info(
     "latents: per-channel mean %s, std %s",
     np.round(stats["mean"], 3).tolist(),
@@ -233,5 +207,5 @@ def run(ctx: StageContext) -> dict:
     "latent_shape": [h, w, fcfg.latent_dim],
     "channel_std_mean": float(np.mean(stats["std"])),
     "channel_mean_abs": float(np.mean(np.abs(stats["mean"]))),
-    "dir": str(cache_dir(ctx.workdir)),
+    "dir": str(feature_cache.latent_cache_dir(ctx.workdir)),
   }

@@ -6,24 +6,13 @@ phase `finetune` (pixel/finetune/): frozen FAE x_hat = D(z), z ~ q(z | x)    -> 
 ```
 Both phases are `fae_jax.train.loop.train` runs (own checkpoints, resumable, EMA, NaN guard,
 metrics). Phase `finetune` starts from phase `noisy`'s final weights (the decoder's EMA, the
-discriminator's raw weights): the stage writes them as a step-0 checkpoint of `pixel/finetune`
-(`_seed_checkpoint`), which the loop then restores like any other checkpoint. That keeps the
-weights out of the jitted init (a closure returning them would bake every parameter into the
-executable as a constant: 1.2 GB for ViT-L) and makes the start itself resumable.
-`num_steps = 0` disables a phase.
+discriminator's raw weights) through the loop's `init_params` (a jit argument, never a closure
+constant: that would bake every parameter into the executable, 1.2 GB for ViT-L), with its own
+step keys `fold_in(key(seed), 1)`. `num_steps = 0` disables a phase.
 
-Objective (fae_jax.losses.pixel): `rec_weight * L1|L2 + perc_weight * perceptual + GAN`, with
-  * perceptual 'dino': MSE between the frozen encoder's features of the reconstruction and of the
-    target (offline; the encoder weights are already here), or 'lpips' (LPIPS-VGG from weights
-    converted with `python -m fae_jax.convert lpips`), or 'none';
-  * GAN: a PatchGAN (fae_jax.models.discriminator: taming's `NLayerDiscriminator` with GroupNorm,
-    the discriminator of VQGAN and TiTok; small, local, and a pure function of its params) with
-    hinge losses, both switched on at the phase-local step `gan_start`, the generator term
-    optionally scaled by VQGAN's adaptive weight. Generator and discriminator share ONE param tree
-    `{'decoder', 'disc'}` and ONE optimizer: the loss is `generator terms(decoder, sg(disc)) +
-    d_hinge(disc, sg(recon))`, so each part only receives its own gradient. The discriminator
-    exists only when `loss.gan_weight > 0`. The gate needs the step: `loop.train(...,
-    loss_takes_step=True)` passes the traced `state.step`.
+Objective: `fae_jax.losses.pixel_decoder` (reconstruction + perceptual 'dino' | 'lpips' | 'none'
++ an optional PatchGAN switched on at the phase-local step `gan_start`; the discriminator
+exists only when `loss.gan_weight > 0`).
 
 Inputs: `pixel.input='encoder'` runs the frozen encoder inside the step on the image batch
 (`pipeline.make_dataset`, any augmentation); `'cache'` reads the `encode` stage's features and
@@ -34,13 +23,11 @@ resolution, targets are resized to it (PyTorch-exact antialiased bicubic) for tr
 reconstructions are resized back to the data resolution for every metric and for the
 `fae_jax.autoencoder` API.
 
-Evaluation (held-out split): PSNR and SSIM (uint8 images at the data resolution, as saved) and
-rFD-DINOv2 (Frechet distance between the frozen encoder's mean-pooled features of the
-reconstructions and of the originals, float64 eigendecomposition) for
-  * the full path image -> encoder -> FAE (posterior MEAN: the deterministic reconstruction) ->
-    feature decoder -> pixel decoder (the final decoder), report `psnr_full`, ...;
-  * the noisy-feature path: the phase-`noisy` decoder on the clean encoder features (noise is a
-    training-only regulariser), report `psnr_noisy_features`, ....
+Evaluation (held-out split, `fae_jax.evaluation.reconstruction`): PSNR, SSIM and rFD-DINOv2
+  * of the full path image -> encoder -> FAE (posterior MEAN) -> feature decoder -> pixel decoder
+    (the final decoder), report `psnr_full`, ...;
+  * of the noisy-feature path: the phase-`noisy` decoder on the clean encoder features (noise is
+    a training-only regulariser), report `psnr_noisy_features`, ....
 plus PNG grids (originals next to reconstructions) in `pixel/` and TensorBoard.
 
 Outputs in `<workdir>/pixel/`: `noisy/`, `finetune/` (TensorBoard, `train_log.jsonl`,
@@ -52,7 +39,6 @@ The stage is complete when `results.json` exists.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from collections.abc import Callable
@@ -66,29 +52,24 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
-from fae_jax import params_store, sharding
+from fae_jax import artifacts, inference, sharding
 from fae_jax.convert import lpips as lpips_convert
-from fae_jax.data import array_cache, pipeline, sources
-from fae_jax.evaluation import frechet, grids, image_metrics
+from fae_jax.data import feature_cache, paired_cache, pipeline, sources
+from fae_jax.evaluation import grids, reconstruction
+from fae_jax.fileio import write_json_atomic
 from fae_jax.losses import pixel as pixel_losses
+from fae_jax.losses import pixel_decoder as pixel_objective
+from fae_jax.losses.pixel_decoder import PixelModels
 from fae_jax.models import discriminator as disc_model
 from fae_jax.models import fae as fae_model
 from fae_jax.models import pixel_decoder as pd
-from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
-from fae_jax.models.resize import resize_bicubic
-from fae_jax.report import write_json_atomic
-from fae_jax.stages import encode
-from fae_jax.stages import fae as fae_stage
+from fae_jax.models.encoder import EncoderSpec
 from fae_jax.stages.context import StageContext
-from fae_jax.train import checkpoint as ckpt_lib
-from fae_jax.train import loop, optim
-from fae_jax.train.state import TrainState, raw_key
+from fae_jax.train import loop
+from fae_jax.train import metrics as train_metrics
 
 NAME = "pixel"
 PHASES = ("noisy", "finetune")
-EXPORT = "export"
-EXPORT_NOISY = "export_noisy"
-EXPORT_META = "model.json"
 RESULTS = "results.json"
 GRID_PNG = "reconstructions.png"
 GRID_NOISY_PNG = "reconstructions_noisy_features.png"
@@ -97,8 +78,6 @@ INPUTS = ("encoder", "cache")
 PERCEPTUAL = ("dino", "lpips", "none")
 # `config.pixel.model` fields that are not PixelDecoderConfig fields (they come from the encoder).
 _DERIVED = ("feature_dim", "grid")
-# Grids of small images are enlarged (nearest neighbour) to about this many pixels per side.
-_GRID_MIN_SIDE = 112
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,125 +145,8 @@ def _data_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Inference (shared with fae_jax.autoencoder).
-# ----------------------------------------------------------------------------------------------
-
-
-def quantize(images: jax.Array) -> jax.Array:
-  """Floats in [-1, 1] -> uint8, exactly `fae_jax.evaluation.grids.to_uint8`, jittable."""
-  return jnp.clip(jnp.rint((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
-def resize_images(images: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """`[B, H, W, C]` floats -> `[B, *size, C]` (antialiased PyTorch bicubic); identity if equal."""
-  if tuple(images.shape[1:3]) == tuple(size):
-    return images
-  return resize_bicubic(images, tuple(size), antialias=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceFns:
-  """Jitted inference functions; every weight is an argument, never a constant.
-
-  Attributes:
-    features: `(encoder_params, uint8 images [B, H, W, 3]) -> [B, N, D]` frozen-encoder features.
-    encode: `(fae_params, features [B, N, D]) -> [B, h, w, c]` posterior mean.
-    decode: `(fae_params, decoder_params, latents [B, h, w, c]) -> uint8 [B, H, W, 3]` at the
-      data resolution (feature decoder, pixel decoder, resize, quantise).
-    decode_features: `(decoder_params, features [B, N, D]) -> uint8 [B, H, W, 3]`.
-  """
-
-  features: Callable[..., jax.Array]
-  encode: Callable[..., jax.Array]
-  decode: Callable[..., jax.Array]
-  decode_features: Callable[..., jax.Array]
-
-
-@functools.lru_cache(maxsize=8)
-def make_inference_fns(
-  spec: EncoderSpec,
-  fae_config: fae_model.FaeConfig | None,
-  decoder_cfg: pd.PixelDecoderConfig,
-  image_size: tuple[int, int],
-  *,
-  encoder_dtype: Any = jnp.float32,
-  fae_dtype: Any = jnp.float32,
-  decoder_dtype: Any = jnp.float32,
-) -> InferenceFns:
-  """The stage's evaluation and `fae_jax.autoencoder.Autoencoder` both use these functions.
-
-  Cached on the (hashable) configs, so loading the same run again reuses the compiled code.
-  """
-  decoder = pd.PixelDecoder(decoder_cfg, dtype=jnp.dtype(decoder_dtype))
-  fae = fae_model.Fae(fae_config, dtype=jnp.dtype(fae_dtype)) if fae_config is not None else None
-
-  def need_fae():
-    if fae is None:
-      raise ValueError("These inference functions were built without an FAE config.")
-    return fae
-
-  def to_images(tokens, decoder_params):
-    out = decoder.apply({"params": decoder_params}, tokens)
-    return quantize(resize_images(out, image_size))
-
-  @jax.jit
-  def features(encoder_params, images):
-    x = images_to_model_range(images)
-    return encode_images(spec, encoder_params, x, dtype=jnp.dtype(encoder_dtype))
-
-  @jax.jit
-  def encode_fn(fae_params, feats):
-    mean, _ = need_fae().apply({"params": fae_params}, feats, method=fae_model.Fae.encode)
-    return mean
-
-  @jax.jit
-  def decode(fae_params, decoder_params, latents):
-    x_hat = need_fae().apply(
-      {"params": fae_params}, latents.astype(jnp.float32), method=fae_model.Fae.decode
-    )
-    return to_images(x_hat, decoder_params)
-
-  @jax.jit
-  def decode_features(decoder_params, feats):
-    return to_images(feats.astype(jnp.float32), decoder_params)
-
-  return InferenceFns(features, encode_fn, decode, decode_features)
-
-
-# ----------------------------------------------------------------------------------------------
 # Exports.
 # ----------------------------------------------------------------------------------------------
-
-
-def load_export(directory) -> tuple[Any, pd.PixelDecoderConfig, dict[str, Any]]:
-  """Exported pixel decoder: `(params, PixelDecoderConfig, meta)`."""
-  meta = params_store.load_meta(
-    directory, EXPORT_META, "Run the `pixel` stage first (python -m fae_jax.main ... stages pixel)."
-  )
-  return params_store.load_params(directory), pd.PixelDecoderConfig.from_dict(meta["config"]), meta
-
-
-def _write_export(directory: epath.Path, params: Any, meta: dict[str, Any]) -> None:
-  """Writes an export, replacing one of another step or phase (e.g. a phase trained longer).
-
-  The new export is complete on disk before the old one is moved away, so a crash leaves either
-  of the two (or, between the two renames, the new one under a temporary name: rerun).
-  """
-  if params_store.exists(directory, EXPORT_META):
-    old = params_store.load_meta(directory, EXPORT_META, "")
-    if (old.get("phase"), old.get("step")) == (meta["phase"], meta["step"]):
-      return
-    fresh = directory.parent / f".{directory.name}.new"
-    stale = directory.parent / f".{directory.name}.old"
-    for path in (fresh, stale):
-      if path.exists():
-        path.rmtree()
-    params_store.save_params(fresh, params, meta, EXPORT_META)
-    directory.rename(stale)
-    fresh.rename(directory)
-    stale.rmtree()
-    return
-  params_store.save_params(directory, params, meta, EXPORT_META)
 
 
 def is_complete(ctx: StageContext) -> bool:
@@ -296,37 +158,10 @@ def is_complete(ctx: StageContext) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-class PairedCacheSource:
-  """Cached features of the `encode` stage, each with the image it was computed from.
-
-  `source[i] = {'features': [N, D], 'image': uint8 [H, W, 3], 'valid': uint8}`; the image is the
-  record `id` of the dataset split (centre-cropped like the pipelines), so features and target
-  always belong together. Picklable (grain workers) because both sources are.
-  """
-
-  def __init__(self, cache: array_cache.CacheSource, images: Any, image_size: int | None):
-    self.cache = cache
-    self.images = images
-    self.image_size = image_size
-
-  def __len__(self) -> int:
-    return len(self.cache)
-
-  def __getitem__(self, index) -> dict[str, np.ndarray]:
-    record = self.cache[index]
-    valid = bool(record.get("valid", 1))
-    image = self.images[int(record["id"])] if valid else None
-    if image is None:
-      return {"features": record["features"], "image": None, "valid": np.uint8(0)}
-    return {
-      "features": record["features"],
-      "image": pipeline.center_crop_adm(image["image"], self.image_size),
-      "valid": np.uint8(1),
-    }
-
-
 def _cache_source(ctx: StageContext, split_key: str, encoder_meta: dict[str, Any]):
-  return encode.feature_cache_source(ctx, split_key, encoder_meta, "pixel")
+  return feature_cache.feature_cache_source(
+    ctx.upstream, ctx.config, split_key, encoder_meta, "pixel"
+  )
 
 
 def _make_data_iter_fn(
@@ -336,7 +171,7 @@ def _make_data_iter_fn(
   if config.pixel.input == "cache":
     if config.data.get("random_flip"):
       logging.warning("pixel: input='cache' reads unaugmented features; data.random_flip ignored.")
-    paired = PairedCacheSource(
+    paired = paired_cache.PairedCacheSource(
       _cache_source(ctx, "train", encoder_meta),
       sources.make_source(config.data, config.data.train_split),
       config.data.get("image_size"),
@@ -350,138 +185,7 @@ def _make_data_iter_fn(
 
     return cached
 
-  def on_the_fly():
-    ds = pipeline.make_dataset(
-      config.data,
-      config.data.train_split,
-      batch_size=per_process,
-      seed=config.seed,
-      shuffle=True,
-      end_index=config.data.max_train_examples,
-    )
-    return iter(ds.map(lambda b: {"image": b["image"]}))
-
-  return on_the_fly
-
-
-# ----------------------------------------------------------------------------------------------
-# Objective.
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Models:
-  spec: EncoderSpec
-  decoder: pd.PixelDecoder
-  disc: disc_model.PatchDiscriminator | None
-  fae: fae_model.Fae | None
-  encoder_dtype: Any
-
-
-def _perceptual_fn(loss_cfg, models: _Models, frozen: dict[str, Any]):
-  if loss_cfg.perceptual == "none" or float(loss_cfg.perc_weight) <= 0:
-    return None
-  if loss_cfg.perceptual == "dino":
-    encode_fn = functools.partial(
-      encode_images, models.spec, frozen["encoder"], dtype=models.encoder_dtype
-    )
-    return functools.partial(pixel_losses.dino_feature_loss, encode_fn)
-  return functools.partial(pixel_losses.lpips_loss, frozen["lpips"])
-
-
-def make_loss_fn(
-  config: ml_collections.ConfigDict, phase: str, models: _Models
-) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-  """`(params, batch, rng, frozen, *, step) -> (loss, metrics)` of one phase.
-
-  `params = {'decoder': ..., ['disc': ...]}`; `frozen` holds what the phase needs of
-  `encoder` (features on the fly, 'dino' loss), `fae` (phase `finetune`) and `lpips`.
-  """
-  p = config.pixel
-  loss_cfg, noise = p.loss, p.noise
-  gan_start = int(p[phase].gan_start)
-  sample_posterior = bool(p.finetune.get("sample_posterior", True))
-  out_size = models.decoder.config.image_size
-  rec_kind, rec_weight = loss_cfg.rec, float(loss_cfg.rec_weight)
-  perc_weight = float(loss_cfg.perc_weight)
-
-  def loss_fn(params, batch, rng, frozen, *, step):
-    images = images_to_model_range(batch["image"])
-    if "features" in batch:
-      x = batch["features"].astype(jnp.float32)
-    else:
-      x = encode_images(models.spec, frozen["encoder"], images, dtype=models.encoder_dtype)
-    x = jax.lax.stop_gradient(x)
-    noise_rng, posterior_rng = jax.random.split(rng)
-    if phase == "noisy":
-      tokens = pd.add_feature_noise(
-        x, noise_rng, mode=noise.mode, sigma=float(noise.sigma), tau=float(noise.tau), train=True
-      )
-    else:
-      fae_params = frozen["fae"]
-      mean, logvar = models.fae.apply({"params": fae_params}, x, method=fae_model.Fae.encode)
-      z = fae_model.sample(mean, logvar, posterior_rng) if sample_posterior else mean
-      tokens = models.fae.apply({"params": fae_params}, z, method=fae_model.Fae.decode)
-      tokens = jax.lax.stop_gradient(tokens)
-    target = resize_images(images, out_size)
-    perceptual = _perceptual_fn(loss_cfg, models, frozen)
-
-    def decode(decoder_params):
-      return models.decoder.apply({"params": decoder_params}, tokens)
-
-    recon = decode(params["decoder"])
-    common = dict(
-      rec=rec_kind, rec_weight=rec_weight, perceptual_fn=perceptual, perc_weight=perc_weight
-    )
-    if models.disc is None:
-      loss, metrics = pixel_losses.pixel_loss(target, recon, **common)
-      metrics["gen_loss"] = metrics.pop("loss")
-      return loss, metrics
-
-    disc_params = params["disc"]
-    frozen_disc = jax.lax.stop_gradient(disc_params)
-
-    def logits(d_params, imgs):
-      return models.disc.apply({"params": d_params}, imgs)
-
-    gan_weight = jnp.float32(loss_cfg.gan_weight)
-    if loss_cfg.adaptive_gan_weight:
-
-      def terms(decoder_params):
-        r = decode(decoder_params)
-        rec_terms = rec_weight * pixel_losses.reconstruction_loss(target, r, rec_kind)
-        if perceptual is not None:
-          rec_terms = rec_terms + perc_weight * perceptual(target, r)
-        return rec_terms, pixel_losses.g_hinge_loss(logits(frozen_disc, r))
-
-      def adaptive():
-        norms = pixel_losses.last_layer_grad_norms(terms, params["decoder"])
-        return pixel_losses.adaptive_gan_weight(*norms, max_weight=float(loss_cfg.adaptive_max))
-
-      # A cond, not a select: before `gan_start` the extra backward pass is skipped entirely.
-      active = pixel_losses.gan_active(step, gan_start)
-      gan_weight = gan_weight * jax.lax.cond(active, adaptive, lambda: jnp.float32(0.0))
-    gen_loss, metrics = pixel_losses.pixel_loss(
-      target,
-      recon,
-      **common,
-      gan_logits_fake=logits(frozen_disc, recon),
-      gan_weight=gan_weight,
-      step=step,
-      gan_start=gan_start,
-    )
-    metrics["gen_loss"] = metrics.pop("loss")
-    metrics["gan_term"] = metrics["gan_weight"] * metrics["g_loss"]
-    d_loss, d_metrics = pixel_losses.discriminator_loss(
-      logits(disc_params, target),
-      logits(disc_params, jax.lax.stop_gradient(recon)),
-      step=step,
-      gan_start=gan_start,
-    )
-    metrics.update(d_metrics)
-    return gen_loss + d_loss, metrics
-
-  return loss_fn
+  return lambda: pipeline.make_train_image_iter(config, per_process)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,87 +193,13 @@ def make_loss_fn(
 # ----------------------------------------------------------------------------------------------
 
 
-def _seed_checkpoint(
-  ctx: StageContext,
-  phase: str,
-  train_cfg: ml_collections.ConfigDict,
-  init_params_fn: Callable[[jax.Array], Any],
-  start_params: Any,
-  start: dict[str, Any],
-  data_iter_fn: Callable[[], Any],
-) -> None:
-  """Writes step 0 of `phase` holding `start_params` (from the phase described by `start`).
-
-  The state gets the loop's shardings (`loop.abstract_train_state`) and a fresh optimizer; it is
-  built by a jit that takes `start_params` as an argument (no random init is compiled or run).
-  Skipped once `phase` has trained (a checkpoint after step 0: it resumes from its own). A step-0
-  checkpoint of another start (the previous phase was trained further since) is replaced.
-  """
-  directory = ctx.workdir / phase_stage(phase) / "checkpoints"
-
-  def open_checkpointer():
-    return ckpt_lib.Checkpointer(
-      directory, checkpoint_every=0, keep=train_cfg.get("keep", 3), async_save=False
-    )
-
-  ckpt = open_checkpointer()
-  try:
-    latest = ckpt.latest_step()
-    if latest is not None:
-      if latest > 0 or ckpt.restore_config(0).get("pixel_start") == start:
-        return
-      ckpt.close()
-      logging.info("pixel/%s: the previous phase changed since its step 0; seeding again.", phase)
-      directory.rmtree()
-      ckpt = open_checkpointer()
-    tx, _ = optim.make_optimizer(train_cfg)
-    abstract, shardings = loop.abstract_train_state(
-      config=train_cfg, mesh=ctx.mesh, init_params_fn=init_params_fn, tx=tx, seed=ctx.config.seed
-    )
-    use_ema = abstract.ema_params is not None
-
-    def build(params, rng):
-      return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        ema_params=jax.tree.map(lambda a: a + jnp.zeros_like(a), params) if use_ema else None,
-        rng=rng,
-      )
-
-    # The phase's own step keys: `fold_in(key(seed), phase index)`.
-    rng = raw_key(jax.random.fold_in(jax.random.key(ctx.config.seed), PHASES.index(phase)))
-    params = jax.device_put(start_params, shardings.params)
-    state = jax.jit(build, out_shardings=shardings)(params, rng)
-    saved = {**ckpt_lib.config_to_json(ctx.config), "pixel_start": start}
-    ckpt.save(0, state, data_iter_fn(), saved, force=True)
-    ckpt.wait()
-    logging.info("pixel/%s: starts from %s (step-0 checkpoint).", phase, start)
-  finally:
-    ckpt.close()
-
-
-def _final_params(state) -> tuple[Any, str]:
-  if state.ema_params is not None:
-    return state.ema_params, "ema"
-  return state.params, "raw"
-
-
 def _loss_curve(ctx: StageContext, phase: str) -> dict[str, float]:
-  path = ctx.workdir / phase_stage(phase) / "train_log.jsonl"
-  if not path.exists():
-    return {}
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  losses = [r["train/loss"] for r in rows if "train/loss" in r]
-  if not losses:
-    return {}
-  out = {
-    f"{phase}_train_loss_first": float(losses[0]),
-    f"{phase}_train_loss_last": float(losses[-1]),
-  }
-  psnrs = [r["train/psnr"] for r in rows if "train/psnr" in r]
-  if psnrs:
-    out[f"{phase}_train_psnr_last"] = float(psnrs[-1])
+  """`{phase}_train_loss_first`, `..._last` and `{phase}_train_psnr_last` of a phase's log."""
+  stage_dir = ctx.workdir / phase_stage(phase)
+  out = {f"{phase}_{k}": v for k, v in train_metrics.logged_loss_curve(stage_dir).items()}
+  psnr = train_metrics.logged_loss_curve(stage_dir, key="train/psnr")
+  if out and psnr:
+    out[f"{phase}_train_psnr_last"] = psnr["train_loss_last"]
   return out
 
 
@@ -578,127 +208,9 @@ def _loss_curve(ctx: StageContext, phase: str) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _PathStats:
-  psnr: list
-  ssim: list
-  fd: frechet.StatsAccumulator | None
-  grid: list
-
-
-def evaluate(
-  ctx: StageContext,
-  fns: InferenceFns,
-  *,
-  encoder_params: Any,
-  paths: dict[str, tuple[str, Any]],
-  fae_params: Any = None,
-  rfd_paths: tuple[str, ...] = (),
-  grid_images: int = 0,
-) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
-  """Held-out reconstruction metrics of several decoding paths.
-
-  Args:
-    ctx: the stage context (data config, eval settings).
-    fns: `make_inference_fns(...)`.
-    encoder_params: frozen encoder weights.
-    paths: name -> (kind, decoder params), kind 'features' (decoder on the clean encoder
-      features) or 'full' (encoder -> FAE posterior mean -> feature decoder -> decoder).
-    fae_params: the FAE's weights (for 'full' paths).
-    rfd_paths: the paths whose rFD-DINOv2 to compute (one more encoder forward per image).
-    grid_images: how many (original, reconstruction) pairs to return per path.
-
-  Returns:
-    `(metrics, grids)`: `{f'psnr_{name}', f'ssim_{name}', f'rfd_dinov2_{name}' (rfd_paths),
-    'eval_examples'}` and `{name: (originals, reconstructions)}` uint8 arrays.
-  """
-  config = ctx.config
-  cfg = config.pixel.eval
-  bs = int(cfg.batch_size)
-  limits = [int(v) for v in (cfg.get("max_examples"), config.data.max_eval_examples) if v]
-  ds = pipeline.make_ordered_dataset(
-    config.data,
-    config.data.eval_split,
-    batch_size=bs,
-    end_index=min(limits) if limits else None,
-    process_index=0,
-    process_count=1,
-  )
-  stats = {
-    name: _PathStats([], [], frechet.StatsAccumulator() if name in rfd_paths else None, [])
-    for name in paths
-  }
-  real_fd = frechet.StatsAccumulator() if any(name in rfd_paths for name in paths) else None
-  originals, count = [], 0
-  for batch in ds:
-    keep = np.asarray(batch["valid"]).astype(bool)
-    if not keep.any():
-      continue
-    images = np.asarray(batch["image"])  # padded batches keep one static shape: one compile
-    feats = fns.features(encoder_params, images)
-    latents = None
-    if real_fd is not None:
-      real_fd.update(np.asarray(frechet.fd_features(feats))[keep])
-    real = images[keep]
-    if sum(len(o) for o in originals) < grid_images:
-      originals.append(real)
-    for name, (kind, decoder_params) in paths.items():
-      if kind == "features":
-        recon = fns.decode_features(decoder_params, feats)
-      else:
-        if latents is None:
-          latents = fns.encode(fae_params, feats)
-        recon = fns.decode(fae_params, decoder_params, latents)
-      s = stats[name]
-      if s.fd is not None:
-        s.fd.update(np.asarray(frechet.fd_features(fns.features(encoder_params, recon)))[keep])
-      recon = np.asarray(recon)[keep]
-      s.psnr.append(image_metrics.psnr(real, recon))
-      s.ssim.append(image_metrics.ssim(real, recon))
-      if sum(len(g) for g in s.grid) < grid_images:
-        s.grid.append(recon)
-    count += int(keep.sum())
-  if count == 0:
-    raise ValueError(f"pixel: no readable held-out image in split {config.data.eval_split!r}.")
-  metrics: dict[str, float] = {"eval_examples": count}
-  out_grids = {}
-  real_stats = real_fd.finalize() if real_fd is not None and count > 1 else None
-  for name, s in stats.items():
-    metrics[f"psnr_{name}"] = float(np.mean(np.concatenate(s.psnr)))
-    metrics[f"ssim_{name}"] = float(np.mean(np.concatenate(s.ssim)))
-    if real_stats is not None and s.fd is not None:
-      metrics[f"rfd_dinov2_{name}"] = frechet.frechet_distance(real_stats, s.fd.finalize())
-    if grid_images:
-      out_grids[name] = (
-        np.concatenate(originals)[:grid_images],
-        np.concatenate(s.grid)[:grid_images],
-      )
-  return metrics, out_grids
-
-
-def _grid(originals: np.ndarray, recons: np.ndarray) -> np.ndarray:
-  upscale = max(1, -(-_GRID_MIN_SIDE // int(originals.shape[1])))
-  return grids.side_by_side(originals, recons, pairs_per_row=8, upscale=upscale)
-
-
 # ----------------------------------------------------------------------------------------------
 # The stage.
 # ----------------------------------------------------------------------------------------------
-
-
-def _load_fae(ctx: StageContext, encoder_meta: dict[str, Any]):
-  """`(params, FaeConfig, meta)` of `fae/export`, or None when there is none."""
-  directory = ctx.stage_dir(fae_stage.NAME) / fae_stage.EXPORT
-  if not params_store.exists(directory, fae_stage.EXPORT_META):
-    return None
-  params, cfg, meta = fae_stage.load_export(directory)
-  if meta.get("encoder_fingerprint") != encoder_meta["fingerprint"]:
-    raise ValueError(
-      f"{directory} was trained on features of another encoder (fingerprint "
-      f"{meta.get('encoder_fingerprint')}, this run's encoder {encoder_meta['fingerprint']}); "
-      "rerun the `fae` stage in this workdir."
-    )
-  return params, cfg, meta
 
 
 @dataclasses.dataclass
@@ -711,8 +223,8 @@ class _Run:
   encoder_meta: dict[str, Any]
   decoder_cfg: pd.PixelDecoderConfig
   image_size: tuple[int, int]
-  models: _Models
-  fns: InferenceFns
+  models: PixelModels
+  fns: inference.InferenceFns
   fae: tuple[Any, fae_model.FaeConfig, dict[str, Any]] | None
   frozen: dict[str, Any]  # frozen weights every phase's loss reads (encoder, lpips)
 
@@ -737,7 +249,7 @@ class _Run:
       "model": "pixel_decoder",
       "config": self.decoder_cfg.to_dict(),
       "phase": phase,
-      "weights": "ema" if state.ema_params is not None else "raw",
+      "weights": state.final_weights,
       "step": int(state.step),
       "image_size": list(self.image_size),
       "encoder": {
@@ -756,17 +268,20 @@ class _Run:
     if phase == "finetune":
       _, fae_cfg, fae_meta = self.fae
       meta["fae"] = {"step": int(fae_meta["step"]), "config": fae_cfg.to_dict()}
-    _write_export(directory, decoder_params, meta)
+    artifacts.replace_export(directory, decoder_params, meta)
 
 
 def _setup(ctx: StageContext) -> _Run:
   config = ctx.config
   p = config.pixel
   _check_config(config)
-  encoder_params, spec, encoder_meta = encode.load_frozen_encoder(ctx)
+  encoder_params, spec, encoder_meta = artifacts.load_frozen_encoder(ctx.encoder_dir, ctx.config)
   decoder_cfg = decoder_config(config, spec)
   image_size = _data_image_size(config)
-  fae = _load_fae(ctx, encoder_meta)
+  fae_dir = artifacts.export_dir(ctx.workdir, "fae")
+  fae = None
+  if artifacts.export_exists(fae_dir):
+    fae = artifacts.load_fae_for_encoder(fae_dir, encoder_meta["fingerprint"])
   if int(p.finetune.train.num_steps) > 0 and fae is None:
     raise FileNotFoundError(
       f"pixel: phase `finetune` needs the FAE export {ctx.stage_dir('fae') / 'export'}: run the "
@@ -792,7 +307,7 @@ def _setup(ctx: StageContext) -> _Run:
     "fae_dtype": jnp.dtype(config.fae.dtype),
     "decoder_dtype": jnp.dtype(p.dtype),
   }
-  models = _Models(
+  models = PixelModels(
     spec=spec,
     decoder=pd.PixelDecoder(decoder_cfg, dtype=dtypes["decoder_dtype"]),
     disc=disc_model.PatchDiscriminator(discriminator_config(config)) if uses_gan(config) else None,
@@ -807,7 +322,7 @@ def _setup(ctx: StageContext) -> _Run:
     decoder_cfg=decoder_cfg,
     image_size=image_size,
     models=models,
-    fns=make_inference_fns(spec, fae_cfg, decoder_cfg, image_size, **dtypes),
+    fns=inference.make_inference_fns(spec, fae_cfg, decoder_cfg, image_size, **dtypes),
     fae=fae,
     frozen=frozen,
   )
@@ -824,16 +339,23 @@ def _train_phase(r: _Run, phase: str, previous: tuple[Any, dict[str, Any]] | Non
   frozen = dict(r.frozen)
   if phase == "finetune":
     frozen["fae"] = fae_params
+  start = {}
   if previous is not None:
-    _seed_checkpoint(ctx, phase, train_cfg, r.init_params, *previous, data_iter_fn)
+    # The phase's own step keys: `fold_in(key(seed), phase index)`.
+    start_params, described = previous
+    logging.info("pixel/%s: starts from %s.", phase, described)
+    start = {
+      "init_params": start_params,
+      "step_key": jax.random.fold_in(jax.random.key(config.seed), PHASES.index(phase)),
+    }
   eval_fn = None
   if int(train_cfg.eval_every) > 0:
     kind = "features" if phase == "noisy" else "full"
 
     def eval_fn(state):
-      params, _ = _final_params(state)
-      metrics, _ = evaluate(
-        ctx,
+      params = state.final_params()
+      metrics, _ = reconstruction.evaluate_reconstructions(
+        config,
         r.fns,
         encoder_params=r.encoder_params,
         paths={kind: (kind, jax.device_get(params["decoder"]))},
@@ -847,7 +369,7 @@ def _train_phase(r: _Run, phase: str, previous: tuple[Any, dict[str, Any]] | Non
     config=train_cfg,
     mesh=ctx.mesh,
     init_params_fn=r.init_params,
-    loss_fn=make_loss_fn(config, phase, r.models),
+    loss_fn=pixel_objective.make_loss_fn(config.pixel, phase, r.models),
     data_iter_fn=data_iter_fn,
     seed=config.seed,
     flops_per_example=pd.pixel_decoder_flops_per_example(r.decoder_cfg),
@@ -855,6 +377,7 @@ def _train_phase(r: _Run, phase: str, previous: tuple[Any, dict[str, Any]] | Non
     extra_args=(frozen,),
     saved_config=config,
     loss_takes_step=True,
+    **start,
   )
 
 
@@ -865,7 +388,7 @@ def _write_grids(r: _Run, pairs: dict[str, tuple[np.ndarray, np.ndarray]], step:
   for name, png in (("full", GRID_PNG), ("noisy_features", GRID_NOISY_PNG)):
     if name not in pairs:
       continue
-    grid = _grid(*pairs[name])
+    grid = reconstruction.reconstruction_grid(*pairs[name])
     grids.save_png(r.stage_dir / png, grid)
     grids.write_grid_to_tensorboard(writer, step, f"reconstructions/{name}", grid)
     out[f"grid_png_{name}"] = str(r.stage_dir / png)
@@ -891,7 +414,7 @@ def run(ctx: StageContext) -> dict:
     state = _train_phase(r, phase, previous)
     results[f"train_seconds_{phase}"] = round(time.time() - t0, 1)
     results[f"steps_{phase}"] = int(state.step)
-    final, weights = _final_params(state)
+    final, weights = state.final_params(), state.final_weights
     # The next phase takes the decoder's average and the discriminator's raw weights (the
     # discriminator was trained against the raw decoder; its average never played).
     start = {"decoder": final["decoder"]}
@@ -900,9 +423,9 @@ def run(ctx: StageContext) -> dict:
     previous = (start, {"phase": phase, "step": int(state.step), "decoder_weights": weights})
     finals[phase] = jax.device_get(final["decoder"])
     if phase == "noisy":
-      r.export(r.stage_dir / EXPORT_NOISY, finals[phase], state, phase)
+      r.export(r.stage_dir / artifacts.PIXEL_EXPORT_NOISY, finals[phase], state, phase)
     if phase == "finetune" or int(p.finetune.train.num_steps) <= 0:  # the final decoder
-      r.export(r.stage_dir / EXPORT, finals[phase], state, phase)
+      r.export(r.stage_dir / artifacts.EXPORT, finals[phase], state, phase)
     results.update(_loss_curve(ctx, phase))
     del state
 
@@ -913,8 +436,8 @@ def run(ctx: StageContext) -> dict:
     paths["full"] = ("full", final_decoder)
     if len(finals) == 2:
       paths["full_before_finetune"] = ("full", finals["noisy"])
-  metrics, pairs = evaluate(
-    ctx,
+  metrics, pairs = reconstruction.evaluate_reconstructions(
+    config,
     r.fns,
     encoder_params=r.encoder_params,
     paths=paths,
@@ -943,11 +466,11 @@ def run(ctx: StageContext) -> dict:
       "gan": r.models.disc is not None,
       "noise": f"{p.noise.mode}(sigma={p.noise.sigma}, tau={p.noise.tau})",
       "encoder_random": bool(r.encoder_meta["source"].get("random")),
-      "export": str(r.stage_dir / EXPORT),
+      "export": str(r.stage_dir / artifacts.EXPORT),
     }
   )
   if "noisy" in finals:
-    results["export_noisy"] = str(r.stage_dir / EXPORT_NOISY)
+    results["export_noisy"] = str(r.stage_dir / artifacts.PIXEL_EXPORT_NOISY)
   if jax.process_index() == 0:
     write_json_atomic(r.stage_dir / RESULTS, results)
   logging.info("pixel results: %s", json.dumps(results, sort_keys=True))

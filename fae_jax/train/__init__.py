@@ -1,7 +1,9 @@
 """The train loop shared by every training stage, and its parts.
 
 `loop.train` runs a stage; `optim` builds AdamW and its schedule; `state` holds `TrainState`
-and the EMA; `checkpoint` wraps Orbax (state + grain iterator + config); `mfu` knows peak FLOP/s.
+and the EMA; `checkpoint` wraps Orbax (state + grain iterator + config); `metrics` writes and
+reads `train_log.jsonl`; `mfu` knows peak FLOP/s; `latent_generator` trains a generator on the
+latent cache (the `diffusion` and `flow` stages).
 """
 
 from fae_jax.train.checkpoint import Checkpointer

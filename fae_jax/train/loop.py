@@ -160,15 +160,29 @@ def create_train_state(
   init_params_fn: Callable[[jax.Array], Any],
   tx: optax.GradientTransformation,
   seed: int = 0,
+  init_params: Any = None,
+  step_key: jax.Array | None = None,
 ) -> tuple[TrainState, TrainState]:
-  """`(state, shardings)`: the initial state built directly in its shardings by a jitted init."""
+  """`(state, shardings)`: the initial state built directly in its shardings by a jitted init.
+
+  With `init_params` (a pytree shaped like `init_params_fn`'s output), the state starts from
+  those weights (placed by the shardings, passed to the jit as an argument: nothing is baked into
+  the executable) instead of a random init. `step_key` replaces the seed's key of the step keys.
+  """
   abstract, shardings = abstract_train_state(
     config=config, mesh=mesh, init_params_fn=init_params_fn, tx=tx, seed=seed
   )
   sharding_lib.log_sharding_table(shardings.params, abstract.params, "Parameter shardings")
-  init = _make_init_fn(init_params_fn, tx, abstract.ema_params is not None)
-  state = jax.jit(init, out_shardings=shardings)(*_seed_keys(seed))
-  return state, shardings
+  use_ema = abstract.ema_params is not None
+  init_key, train_key = _seed_keys(seed)
+  if step_key is not None:
+    train_key = raw_key(step_key)
+  if init_params is None:
+    init = _make_init_fn(init_params_fn, tx, use_ema)
+    return jax.jit(init, out_shardings=shardings)(init_key, train_key), shardings
+  start = _make_init_fn(lambda params: params, tx, use_ema)
+  params = jax.device_put(init_params, shardings.params)
+  return jax.jit(start, out_shardings=shardings)(params, train_key), shardings
 
 
 def _named_metrics(metrics: Mapping[str, Any], group: str) -> dict[str, Any]:
@@ -263,6 +277,8 @@ def train(
   extra_args: tuple[Any, ...] = (),
   saved_config: Any = None,
   loss_takes_step: bool = False,
+  init_params: Any = None,
+  step_key: jax.Array | None = None,
 ) -> TrainState:
   """Trains (or resumes) a stage to `config.num_steps` and returns the final state.
 
@@ -287,6 +303,11 @@ def train(
     saved_config: what the `config` checkpoint item stores (default: `config`); pass the whole
       experiment config so a checkpoint describes itself.
     loss_takes_step: call `loss_fn(..., step=step)` with the traced step (see make_train_step).
+    init_params: start from these weights (fresh optimizer, EMA = them) instead of
+      `init_params_fn`'s random init, e.g. a second phase continuing the first one's model;
+      `init_params_fn` still gives the structure. Ignored once the stage has a checkpoint.
+    step_key: the key the step keys fold from, instead of the seed's (a second phase of the same
+      seed passes its own, so its randomness differs from the first phase's).
 
   Returns:
     The final `TrainState`; if the stage already reached `num_steps`, the restored one.
@@ -327,7 +348,13 @@ def train(
       state, data_iter = ckpt.restore(latest, target, data_iter)
     else:
       state, _ = create_train_state(
-        config=config, mesh=mesh, init_params_fn=init_params_fn, tx=tx, seed=seed
+        config=config,
+        mesh=mesh,
+        init_params_fn=init_params_fn,
+        tx=tx,
+        seed=seed,
+        init_params=init_params,
+        step_key=step_key,
       )
     extra_args = tuple(extra_args)
     extra_shardings = sharding_lib.param_shardings(

@@ -1,5 +1,5 @@
-"""What the `diffusion` and `flow` stages share: the latent data path, the train loop call and
-the export.
+"""Training a generator on the latent cache: what the `diffusion` and `flow` stages share (the
+latent data path, the train loop call and the export).
 
 Each step draws, per example, the original or the flipped posterior (probability 1/2; the
 original only when the cache has no flips), samples `z = mean + std * eps` and normalises it per
@@ -20,24 +20,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.sharding import Mesh
 
-from fae_jax import params_store, sharding
-from fae_jax.data import pipeline, sources
-from fae_jax.stages import latents as latents_stage
-from fae_jax.stages.context import StageContext
+from fae_jax import artifacts, sharding
+from fae_jax.data import feature_cache, pipeline, sources
 from fae_jax.train import loop
 from fae_jax.train import metrics as train_metrics
 
 LATENT_FIELDS = ("mean", "std", "mean_flip", "std_flip", "label")
-EXPORT_META = "model.json"
-
-
-class StageDirs:
-  """`<workdir>/<stage>/` and its `export/`."""
-
-  def __init__(self, workdir: epath.Path, stage: str):
-    self.root = workdir / stage
-    self.export = self.root / "export"
 
 
 def sample_latents(batch: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
@@ -59,15 +49,19 @@ def normalised_sample(
   return (sample_latents(batch, rng) - stats["mean"]) / stats["std"]
 
 
-def latent_geometry(ctx: StageContext) -> tuple[tuple[int, int, int], int]:
-  """`((h, w, c), num_classes)` of the latent cache and the dataset."""
-  source = latents_stage.latent_source(ctx)
-  return tuple(source.spec["mean"][0]), sources.num_classes(ctx.config.data)
+def latent_geometry(
+  workdir: epath.PathLike, config: ml_collections.ConfigDict
+) -> tuple[tuple[int, int, int], int]:
+  """`((h, w, c), num_classes)` of the latent cache in `workdir` and the dataset."""
+  source = feature_cache.latent_source(workdir)
+  return tuple(source.spec["mean"][0]), sources.num_classes(config.data)
 
 
 def train_and_export(
-  ctx: StageContext,
   *,
+  workdir: epath.Path,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
   stage: str,
   train_cfg: ml_collections.ConfigDict,
   init_params_fn: Callable[[jax.Array], Any],
@@ -82,10 +76,9 @@ def train_and_export(
   `weights`, `step` and `latent_stats`). Returns the stage's common report values (`steps`,
   `train_seconds`, `num_params` and the logged loss curve).
   """
-  config = ctx.config
-  source = latents_stage.latent_source(ctx)
-  stats = latents_stage.load_stats(ctx.workdir)
-  sharding.check_batch_divisible(int(train_cfg.batch_size), ctx.mesh, f"config.{stage}.train")
+  source = feature_cache.latent_source(workdir)
+  stats = feature_cache.load_latent_stats(workdir)
+  sharding.check_batch_divisible(int(train_cfg.batch_size), mesh, f"config.{stage}.train")
   per_process = int(train_cfg.batch_size) // jax.process_count()
 
   def data_iter_fn():
@@ -96,10 +89,10 @@ def train_and_export(
 
   t0 = time.time()
   state = loop.train(
-    workdir=ctx.workdir,
+    workdir=workdir,
     stage=stage,
     config=train_cfg,
-    mesh=ctx.mesh,
+    mesh=mesh,
     init_params_fn=init_params_fn,
     loss_fn=loss_fn,
     data_iter_fn=data_iter_fn,
@@ -110,10 +103,10 @@ def train_and_export(
   )
   seconds = time.time() - t0
   final = state.final_params()
-  dirs = StageDirs(ctx.workdir, stage)
-  if jax.process_index() == 0 and not params_store.exists(dirs.export, EXPORT_META):
-    params_store.save_params(
-      dirs.export,
+  export_dir = artifacts.export_dir(workdir, stage)
+  if jax.process_index() == 0 and not artifacts.export_exists(export_dir):
+    artifacts.save_export(
+      export_dir,
       final,
       {
         **export_meta,
@@ -121,11 +114,10 @@ def train_and_export(
         "step": int(state.step),
         "latent_stats": {k: np.asarray(v).tolist() for k, v in stats.items()},
       },
-      EXPORT_META,
     )
   return {
     "steps": int(state.step),
     "train_seconds": round(seconds, 1),
     "num_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(final))),
-    **train_metrics.logged_loss_curve(dirs.root),
+    **train_metrics.logged_loss_curve(epath.Path(workdir) / stage),
   }

@@ -143,7 +143,7 @@ def sample(
     denoise_step: apply the score-based denoising step with `sigma = noise_sigma`.
   """
   if y is None and batch_size is None:
-    raise ValueError("flows.sampling.sample: pass labels `y` or a `batch_size`.")
+    raise ValueError("tarflow.sampler.sample: pass labels `y` or a `batch_size`.")
   z = base_noise(model.config, rng, batch_size if y is None else y.shape[0])
   return sample_from_noise(
     params,
@@ -157,7 +157,7 @@ def sample(
   )
 
 
-def base_noise(config: tarflow.FlowConfig, rng: jax.Array, batch_size: int) -> jax.Array:
+def base_noise(config: tarflow.TarFlowConfig, rng: jax.Array, batch_size: int) -> jax.Array:
   """`z ~ N(0, I)`, `[B, h, w, c]` in the model's out dtype."""
   shape = (batch_size, config.input_size, config.input_size, config.in_channels)
   return jax.random.normal(rng, shape, config.out_dtype)

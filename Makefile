@@ -6,7 +6,7 @@ WORKDIR ?= runs/demo
 # apt needs root; use sudo when not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint assets venv clean-demo
+.PHONY: demo test test-fast lint assets venv clean-demo
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ demo: assets
 
 test: assets
 	$(PY) -m pytest -n 2 tests
+
+# Everything but the stage end-to-end runs (`@pytest.mark.slow`).
+test-fast: assets
+	$(PY) -m pytest -n 2 -m "not slow" tests
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

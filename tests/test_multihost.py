@@ -6,17 +6,19 @@ an `rmtree` deletes object by object, and any write or delete can be made to cra
 stop a write at every point and check that no half-written directory reads as complete.
 """
 
+import json
 import os
 import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
-from fae_jax import multihost
+from fae_jax import multihost, params_store
 
 
 class Crash(Exception):
@@ -219,3 +221,29 @@ def test_crash_while_removing_leaves_the_directory_uncommitted(fake_gcs):
   assert directory.exists() and not multihost.is_committed(directory, "meta.json")
   _write_dir(directory, {"a.txt": "a2"})
   assert sorted(p.name for p in directory.iterdir()) == ["a.txt", "meta.json"]
+
+
+def test_params_store_crash_in_orbax_save_leaves_no_model(tmp_path, monkeypatch):
+  params = {"w": np.arange(12.0, dtype=np.float32).reshape(3, 4), "b": np.ones(4, np.float32)}
+  real_save = ocp.StandardCheckpointer.save
+
+  def crashing_save(self, directory, *args, **kwargs):
+    epath.Path(directory).mkdir(parents=True)
+    (epath.Path(directory) / "partial").write_text("x")
+    raise Crash("killed during the Orbax save")
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", crashing_save)
+  with pytest.raises(Crash):
+    params_store.save_params(tmp_path / "export", params, {"model": "toy"}, "model.json")
+  assert (tmp_path / "export").exists()
+  assert not params_store.exists(tmp_path / "export", "model.json")
+  with pytest.raises(FileNotFoundError, match="model.json missing"):
+    params_store.load_meta(tmp_path / "export", "model.json", "")
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", real_save)
+  meta = params_store.save_params(tmp_path / "export", params, {"model": "toy"}, "model.json")
+  assert meta["num_params"] == 16
+  assert json.loads((tmp_path / "export" / "model.json").read_text())["model"] == "toy"
+  got = params_store.load_params(tmp_path / "export")
+  for k, v in params.items():
+    np.testing.assert_array_equal(got[k], v)
+  assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.json", "params"]

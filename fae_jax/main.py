@@ -73,11 +73,12 @@ def run_stages(config, workdir: epath.Path) -> dict:
   mesh = sharding.mesh_from_config(config.mesh)
   logging.info("Mesh: %s", dict(mesh.shape))
   ctx = StageContext(config=config, workdir=workdir, mesh=mesh)
-  if jax.process_index() == 0:
+  if multihost.is_primary():
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   for name in config.stages:
     stage = STAGES[name]
-    if stage.is_complete(ctx):
+    # One decision for all hosts (they could see the files differently), then all follow.
+    if multihost.decide_once(f"complete:{name}", lambda stage=stage: stage.is_complete(ctx)):
       logging.info("Stage %s: already complete in %s, skipped.", name, workdir)
       continue
     logging.info("Stage %s: starting.", name)
@@ -85,6 +86,7 @@ def run_stages(config, workdir: epath.Path) -> dict:
     values = stage.run(ctx)
     seconds = time.time() - t0
     report_lib.update_report(workdir, name, values, seconds)
+    multihost.barrier(f"stage-done:{name}")  # the report and the stage's files are written
     logging.info("Stage %s: done in %.1f s: %s", name, seconds, json.dumps(values, default=str))
   return report_lib.read_report(workdir)
 

@@ -158,18 +158,32 @@ def decide_once(name: str, fn: Callable[[], Any]) -> Any:
   """Process 0 evaluates `fn()` (a small JSON-able value); every process returns that value.
 
   `fn` runs on process 0 only, so it may read files that other hosts cannot see yet. Every
-  process must call `decide_once` with the same `name` at the same point.
+  process must call `decide_once` with the same `name` at the same point. When `fn` raises, the
+  error reaches every process (process 0 re-raises it, the others raise `RuntimeError` with its
+  message), so no host is left waiting for a decision.
   """
   if jax.process_count() == 1:
     return fn()
-  payload = json.dumps(fn()).encode() if is_primary() else b""
+  error = None
+  if is_primary():
+    try:
+      message = {"value": fn()}
+    except Exception as e:  # noqa: BLE001 (re-raised below, after the others are told)
+      error, message = e, {"error": f"{type(e).__name__}: {e}"}
+    payload = json.dumps(message).encode()
+  else:
+    payload = b""
   size = multihost_utils.broadcast_one_to_all(np.asarray(len(payload), np.int64))
   buf = np.zeros(int(size), np.uint8)
   if is_primary():
     buf[:] = np.frombuffer(payload, np.uint8)
   data = multihost_utils.broadcast_one_to_all(buf)
-  logging.debug("decide_once %s: %d bytes", name, int(size))
-  return json.loads(np.asarray(data, np.uint8).tobytes().decode())
+  message = json.loads(np.asarray(data, np.uint8).tobytes().decode())
+  if error is not None:
+    raise error
+  if "error" in message:
+    raise RuntimeError(f"Process 0 failed to decide {name!r}: {message['error']}")
+  return message["value"]
 
 
 def gather(tree: Any) -> Any:

@@ -77,6 +77,10 @@ def _pump(proc: subprocess.Popen, log_path: str, prefix: str, stream) -> None:
         stream.flush()
 
 
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
   """SIGTERM to each still-running process group, SIGKILL to what remains after `grace_s`."""
   for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -143,6 +147,9 @@ def launch(
     pumps.append(t)
   start = time.monotonic()
   failed, timed_out = None, False
+  main_thread = threading.current_thread() is threading.main_thread()
+  if main_thread:  # SIGTERM to the launcher stops the processes like Ctrl-C does
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
   try:
     while True:
       codes = [p.poll() for p in procs]
@@ -156,10 +163,16 @@ def launch(
         timed_out = True
         break
       time.sleep(0.2)
-  finally:  # also on KeyboardInterrupt: never leave processes behind
+  finally:  # also on Ctrl-C / SIGTERM: never leave processes behind
+    if main_thread:  # a second Ctrl-C must not interrupt the stopping itself
+      previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _stop(procs, grace_s)
     for t in pumps:
       t.join(timeout=10)
+    if main_thread:
+      signal.signal(signal.SIGINT, previous_int)
+      signal.signal(signal.SIGTERM, previous_term)
   codes = [p.returncode for p in procs]
   ok = failed is None and not timed_out
   return Result(0 if ok else 1, codes, failed, timed_out, logs)

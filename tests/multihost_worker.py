@@ -32,6 +32,15 @@ def collective() -> None:
   # Only process 0's fn runs; every process gets its value.
   seen = multihost.decide_once("who", lambda: {"decider": jax.process_index(), "x": [1.5, None]})
   assert seen == {"decider": 0, "x": [1.5, None]}, seen
+  # A failing decision reaches every process instead of leaving the others waiting.
+  try:
+    multihost.decide_once("fails", lambda: 1 // 0)
+  except ZeroDivisionError:
+    assert jax.process_index() == 0
+  except RuntimeError as e:
+    assert jax.process_index() == 1 and "ZeroDivisionError" in str(e), e
+  else:
+    raise AssertionError("decide_once must raise on every process")
   multihost.barrier("collective-end")
 
 

@@ -23,8 +23,8 @@ from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fae_jax import multihost, sharding  # noqa: E402
 from fae_jax import report as report_lib  # noqa: E402
-from fae_jax import sharding  # noqa: E402
 from fae_jax.stages import STAGES, StageContext  # noqa: E402
 from fae_jax.train.checkpoint import absolute_path  # noqa: E402
 
@@ -34,8 +34,12 @@ _DISTRIBUTED = flags.DEFINE_enum(
   "distributed",
   "auto",
   ["auto", "on", "off"],
-  "Call jax.distributed.initialize(): 'auto' does so on multi-host TPU/SLURM environments.",
+  "jax.distributed.initialize(): 'auto' when a cluster is detected (Cloud TPU VM, GKE, SLURM, "
+  "Open MPI, Kubernetes) or a flag below is given; 'on' always; 'off' never.",
 )
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -46,19 +50,8 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
 
 
-def _want_distributed() -> bool:
-  if _DISTRIBUTED.value != "auto":
-    return _DISTRIBUTED.value == "on"
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-
-
 def log_devices() -> None:
-  lines = [
-    f"JAX {jax.__version__}: process {jax.process_index()} of {jax.process_count()}, "
-    f"{jax.local_device_count()} local / {jax.device_count()} global devices "
-    f"({jax.default_backend()})"
-  ]
+  lines = [f"JAX {jax.__version__}: {multihost.describe()}"]
   for d in jax.devices():
     lines.append(f"  id={d.id:<4d} process={d.process_index:<3d} {d.device_kind}")
   logging.info("\n".join(lines))
@@ -80,11 +73,12 @@ def run_stages(config, workdir: epath.Path) -> dict:
   mesh = sharding.mesh_from_config(config.mesh)
   logging.info("Mesh: %s", dict(mesh.shape))
   ctx = StageContext(config=config, workdir=workdir, mesh=mesh)
-  if jax.process_index() == 0:
+  if multihost.is_primary():
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   for name in config.stages:
     stage = STAGES[name]
-    if stage.is_complete(ctx):
+    # One decision for all hosts (they could see the files differently), then all follow.
+    if multihost.decide_once(f"complete:{name}", lambda stage=stage: stage.is_complete(ctx)):
       logging.info("Stage %s: already complete in %s, skipped.", name, workdir)
       continue
     logging.info("Stage %s: starting.", name)
@@ -92,6 +86,7 @@ def run_stages(config, workdir: epath.Path) -> dict:
     values = stage.run(ctx)
     seconds = time.time() - t0
     report_lib.update_report(workdir, name, values, seconds)
+    multihost.barrier(f"stage-done:{name}")  # the report and the stage's files are written
     logging.info("Stage %s: done in %.1f s: %s", name, seconds, json.dumps(values, default=str))
   return report_lib.read_report(workdir)
 
@@ -99,8 +94,9 @@ def run_stages(config, workdir: epath.Path) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _want_distributed():
-    jax.distributed.initialize()
+  multihost.initialize(
+    _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  )
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   log_devices()

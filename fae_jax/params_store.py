@@ -5,8 +5,11 @@ Layout of a directory written by `save_params`:
   params/     Orbax checkpoint of the params pytree (float32)
   <meta>.json what the params are (model kind, its config, provenance), for humans and loaders
 
-The directory is assembled under a temporary name and renamed when complete, so a crash never
-leaves a half-written model. Used for the converted encoder (`encoder/encoder.json`) and for the
+Multi-host: `save_params` is collective (every process calls it, like the Orbax save inside it;
+Orbax writes from the primary host). GCS-safe: nothing is renamed; the `<meta>.json` file is the
+commit marker (`multihost.committed_directory`), written by process 0 after every process has
+finished the params, so `exists` (the marker) never sees a half-written model, and a directory
+left without it by a crash is removed and written again. Used for the converted encoder (`encoder/encoder.json`) and for the
 exported EMA weights of every trained stage (`<stage>/export/model.json`).
 """
 
@@ -17,44 +20,47 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fae_jax import fileio
+from fae_jax import multihost
 
 PARAMS_NAME = "params"
 
 
 def exists(directory: str | os.PathLike, meta_name: str) -> bool:
-  return (epath.Path(directory) / meta_name).exists()
+  """True when the directory is complete (its `meta_name` commit marker exists); per process."""
+  return multihost.is_committed(directory, meta_name)
 
 
 def save_params(
   directory: str | os.PathLike, params: Any, meta: dict[str, Any], meta_name: str
 ) -> dict[str, Any]:
-  """Writes `params` (gathered to host, float32) and `meta` atomically; returns `meta`."""
-  directory = epath.Path(directory)
-  if directory.exists():
-    raise FileExistsError(f"{directory} already exists; delete it to write it again.")
-  tmp = fileio.temp_path(directory)
-  if tmp.exists():
-    tmp.rmtree()
-  tmp.mkdir(parents=True)
-  params = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
+  """Writes `params` (as float32) and `meta`; collective: every process calls it.
+
+  `params` may hold global arrays sharded over several hosts (each host writes nothing itself;
+  Orbax assembles the shards) or host numpy arrays (equal on every host). Raises
+  `FileExistsError` on every process when the directory is already complete.
+  """
+  params = jax.tree.map(
+    lambda a: a.astype(jnp.float32) if isinstance(a, jax.Array) else np.asarray(a, np.float32),
+    params,
+  )
   meta = dict(meta)
   meta["num_params"] = int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save((tmp / PARAMS_NAME).resolve(), params)
-    ckptr.wait_until_finished()
-  (tmp / meta_name).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-  tmp.rename(directory)
+  text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+  with multihost.committed_directory(directory, meta_name, text) as tmp:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save((tmp / PARAMS_NAME).resolve(), params)
+      ckptr.wait_until_finished()
   return meta
 
 
 def load_meta(directory: str | os.PathLike, meta_name: str, missing_hint: str) -> dict[str, Any]:
   path = epath.Path(directory) / meta_name
-  if not path.exists():
+  if not exists(directory, meta_name):
     raise FileNotFoundError(f"Nothing saved at {directory} ({meta_name} missing). {missing_hint}")
   return json.loads(path.read_text())
 

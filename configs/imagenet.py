@@ -17,6 +17,9 @@ def get_config(arg: str | None = None):
   config.name = "imagenet256"
   config.stages = ("convert", "encode", "fae", "pixel")
   config.fae.dtype = "bfloat16"
+  # The paper's 170.43M feature decoder has no output projection: the final RMSNorm output is
+  # x_hat, which suits the per-token standardised `no_affine` targets (README, design notes).
+  config.fae.model.decoder_out_proj = False
 
   # DINOv2-g/14 without registers; 256 px images resized to 224 px -> 16x16 tokens of 1536.
   config.encoder.variant = "g/14"

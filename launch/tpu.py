@@ -265,7 +265,9 @@ def main(argv: Sequence[str]) -> int:
           raise
         print("[tpu] stopped following the log; the run goes on.")
       except subprocess.CalledProcessError as e:
-        raise SystemExit(f"[tpu] step {step!r} failed (exit {e.returncode}): {shlex.join(command)}")
+        raise SystemExit(
+          f"[tpu] step {step!r} failed (exit {e.returncode}): {shlex.join(command)}"
+        ) from e
     if step == "create":
       if args.run:
         wait_until_ready(args)

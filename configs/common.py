@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = ml_collections.FieldReference(None, field_type=int)  # None: native size
   c.data.random_flip = False
   c.data.num_workers = 0
+  # How processes split the data (fae_jax.data.pipeline): 'global' = one stream for the job, the
+  # same for any process count; 'shard' = each host reads whole cache shards of its own.
+  c.data.process_split = "global"
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.max_train_examples = ml_collections.FieldReference(None, field_type=int)

@@ -34,6 +34,9 @@ def get_config(arg: str | None = None):
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.num_workers = 16
+  # Each host reads whole feature-cache shards of its own (~1 TB cache over 16+ hosts: stage
+  # them on local disk); README "Data at scale".
+  config.data.process_split = "shard"
 
   config.encode.batch_size = 1024
   config.encode.examples_per_shard = 10000

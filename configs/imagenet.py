@@ -79,5 +79,5 @@ def get_config(arg: str | None = None):
 
 
 # Ablations (launch/sweep.py), PAPER.md: adapter depth and latent channels.
-SWEEP_STAGES = common.SWEEP_STAGES
+sweep_stages = common.sweep_stages
 sweep = common.sweep

@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = ml_collections.FieldReference(None, field_type=int)  # None: native size
   c.data.random_flip = False
   c.data.num_workers = 0
+  # How processes split the data (fae_jax.data.pipeline): 'global' = one stream for the job, the
+  # same for any process count; 'shard' = each host reads whole cache shards of its own.
+  c.data.process_split = "global"
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.max_train_examples = ml_collections.FieldReference(None, field_type=int)
@@ -299,15 +302,42 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Ablations (launch/sweep.py, PAPER.md): adapter depth and latent channels. Each point reruns
-# `fae` on the shared converted encoder and feature cache.
-SWEEP_STAGES = {"shared": ("convert", "encode"), "point": ("fae",)}
+# Ablations (launch/sweep.py, PAPER.md), each point measured the way the paper ranks them: by the
+# generator trained on the point's latents. The upstream stages a sweep does not vary run once in
+# `<root>/shared` (every point reads them through `config.upstream_workdir`; a stage output missing
+# from a point's workdir is looked up there): the encoder, the feature cache and the noisy-feature
+# pixel decoder (PAPER.md: one noisy-feature decoder serves every FAE variant), plus the FAE and
+# its latents when only the generator varies.
+_FAE_POINT = ("fae", "latents", "diffusion", "evaluate")
+_SHARED = ("convert", "encode", "pixel")
+SWEEPS = {
+  # PAPER.md encoder structure: linear (0), one attention layer (1, the paper), deeper adapters.
+  "adapter_depth": ("fae.model.adapter_depth", (0, 1, 2, 6), _SHARED, _FAE_POINT),
+  # PAPER.md latent channels: 32 is best for generation, 48/64 reconstruct better.
+  "latent_channels": ("fae.model.latent_dim", (8, 16, 32, 48, 64), _SHARED, _FAE_POINT),
+  # The KL weight (README, design notes: the LDM convention, per feature element).
+  "beta": ("fae.beta", (1e-7, 1e-6, 1e-5, 1e-4, 1e-3), _SHARED, _FAE_POINT),
+  # LightningDiT's timestep_shift (t=1 noise; s = 1 / ts): 1 = no shift, 0.4 = the paper's.
+  "time_shift": (
+    "diffusion.objective.timestep_shift",
+    (1.0, 0.7, 0.5, 0.4),
+    _SHARED + ("fae", "latents"),
+    ("diffusion", "evaluate"),
+  ),
+}
 
 
 def sweep(name: str) -> list[dict]:
   """The points of sweep `name`: one dict per point, dotted config field -> value."""
-  if name == "adapter_depth":
-    return [{"fae.model.adapter_depth": d} for d in (0, 1, 2, 6)]
-  if name == "latent_channels":
-    return [{"fae.model.latent_dim": c} for c in (8, 16, 32, 48, 64)]
-  raise ValueError(f"Unknown sweep {name!r}; choose 'adapter_depth' or 'latent_channels'.")
+  if name not in SWEEPS:
+    raise ValueError(f"Unknown sweep {name!r}; choose one of {sorted(SWEEPS)}.")
+  field, values, _, _ = SWEEPS[name]
+  return [{field: v} for v in values]
+
+
+def sweep_stages(name: str) -> dict[str, tuple[str, ...]]:
+  """`{"shared": stages run once in <root>/shared, "point": stages each point runs}`."""
+  if name not in SWEEPS:
+    raise ValueError(f"Unknown sweep {name!r}; choose one of {sorted(SWEEPS)}.")
+  _, _, shared, point = SWEEPS[name]
+  return {"shared": shared, "point": point}

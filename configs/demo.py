@@ -193,5 +193,5 @@ def get_config(arg: str | None = None):
 
 
 # Ablations (launch/sweep.py): each point reruns `fae` on the shared encoder and feature cache.
-SWEEP_STAGES = common.SWEEP_STAGES
+sweep_stages = common.sweep_stages
 sweep = common.sweep

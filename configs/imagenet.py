@@ -17,6 +17,9 @@ def get_config(arg: str | None = None):
   config.name = "imagenet256"
   config.stages = ("convert", "encode", "fae", "pixel")
   config.fae.dtype = "bfloat16"
+  # The paper's 170.43M feature decoder has no output projection: the final RMSNorm output is
+  # x_hat, which suits the per-token standardised `no_affine` targets (README, design notes).
+  config.fae.model.decoder_out_proj = False
 
   # DINOv2-g/14 without registers; 256 px images resized to 224 px -> 16x16 tokens of 1536.
   config.encoder.variant = "g/14"
@@ -31,6 +34,9 @@ def get_config(arg: str | None = None):
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.num_workers = 16
+  # Each host reads whole feature-cache shards of its own (~1 TB cache over 16+ hosts: stage
+  # them on local disk); README "Data at scale".
+  config.data.process_split = "shard"
 
   config.encode.batch_size = 1024
   config.encode.examples_per_shard = 10000
@@ -73,5 +79,5 @@ def get_config(arg: str | None = None):
 
 
 # Ablations (launch/sweep.py), PAPER.md: adapter depth and latent channels.
-SWEEP_STAGES = common.SWEEP_STAGES
+sweep_stages = common.sweep_stages
 sweep = common.sweep

@@ -12,7 +12,9 @@ import io
 import json
 import os
 
-DEFAULT_STAGES = ("fae",)
+# The FAE's own metrics beside the generators' quality (FD-DINOv2, class consistency, and FID
+# where evaluate.inception_dir is set) that `evaluate` writes under each generator's name.
+DEFAULT_STAGES = ("fae", "diffusion", "flow")
 
 
 def flatten(prefix: str, obj, out: dict) -> dict:

@@ -7,9 +7,12 @@
 Extra `--config.<field>=<value>` flags are passed to every point (e.g. a shorter schedule).
 
 A config file defines `sweep(name) -> list[dict]` (each dict: dotted config field -> value) and
-`SWEEP_STAGES` (the stages each point runs). The shared upstream stages (`convert`, `encode`) run
-once in `<root>/shared`; every point has its own workdir `<root>/<name>=<value>` that reads the
-encoder and feature cache from there (`config.upstream_workdir`).
+`sweep_stages(name) -> {"shared": (...), "point": (...)}`. The shared upstream stages (the encoder,
+the feature cache, the noisy-feature pixel decoder; also the FAE and latents when only the
+generator varies) run once in `<root>/shared`; every point has its own workdir
+`<root>/<name>=<value>` that runs the point's stages (e.g. FAE -> latents -> a generator ->
+evaluate) and reads what it does not produce from the shared run (`config.upstream_workdir`).
+`launch/summarize.py` then puts the generator's FD beside the FAE metrics.
 `--mode=dry` (default) prints the commands; `--mode=local` runs them in sequence here; on a pod,
 hand the printed commands to your scheduler (one job per point).
 """
@@ -70,7 +73,7 @@ def build_commands(
   points = module.sweep(sweep)
   config_flag = f"--config={path}" + (f":{rest}" if rest else "")
   shared = os.path.join(root, "shared")
-  stages = module.SWEEP_STAGES
+  stages = module.sweep_stages(sweep)
   commands = [
     [
       python,

@@ -201,7 +201,8 @@ def test_loss_is_rec_plus_beta_kl():
   kl = kl_elem.sum() / 3
   np.testing.assert_allclose(m["rec_mse"], rec, rtol=1e-5)
   np.testing.assert_allclose(m["kl"], kl, rtol=1e-5)
-  np.testing.assert_allclose(loss, m["rec_mse"] + beta * m["kl"], rtol=1e-6)
+  # One normalisation: the LDM per-example objective divided by N x D (16 x 32 here).
+  np.testing.assert_allclose(loss, rec + beta * kl / (16 * 32), rtol=1e-5)
   np.testing.assert_allclose(m["loss"], loss)
   np.testing.assert_allclose(m["kl_per_channel"], kl_elem.sum((0, 1, 2)) / 3, rtol=1e-5)
   np.testing.assert_allclose(m["kl_per_channel"].sum(), m["kl"], rtol=1e-5)
@@ -218,6 +219,20 @@ def test_loss_is_rec_plus_beta_kl():
   zero_kl_loss, m0 = loss_fn(x, x_hat, mean * 0, logvar * 0, beta=1.0)
   assert float(m0["kl"]) == 0.0
   np.testing.assert_allclose(zero_kl_loss, rec, rtol=1e-5)
+
+
+def test_loss_normalisation_hand_computed():
+  """One example, N=2 tokens, D=2 channels, one latent element: every term by hand."""
+  x = np.array([[[1.0, 0.0], [0.0, 2.0]]], np.float32)
+  x_hat = np.array([[[0.0, 0.0], [0.0, 0.0]]], np.float32)
+  mean = np.full((1, 1, 1, 1), 2.0, np.float32)
+  logvar = np.zeros((1, 1, 1, 1), np.float32)
+  # squared error sum 1 + 4 = 5 over N*D = 4 elements -> 1.25; KL = 0.5 * (2^2 + 1 - 1 - 0) = 2.
+  # LDM objective 5 + beta * 2; divided by N*D = 4: 1.25 + beta * 0.5.
+  loss, m = _jit(fae_losses.fae_loss, static_argnames="beta")(x, x_hat, mean, logvar, beta=0.1)
+  np.testing.assert_allclose(m["rec_mse"], 1.25, rtol=1e-6)
+  np.testing.assert_allclose(m["kl"], 2.0, rtol=1e-6)
+  np.testing.assert_allclose(loss, 1.25 + 0.1 * 0.5, rtol=1e-6)
 
 
 def test_feature_metrics():

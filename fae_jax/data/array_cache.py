@@ -435,16 +435,34 @@ class CacheSource:
     if expected_metadata is not None:
       _check_metadata(directory, self.metadata, expected_metadata, stage=stage, exact=False)
     self.fields = _spec_from_json(self.manifest["spec"])
-    # Counts from the manifest as `path[start:end]` instructions: nothing is opened here.
-    paths = [
-      f"{os.fspath(self.directory / s['file'])}[0:{s['count']}]" for s in self.manifest["shards"]
-    ]
-    self._source = array_record_data_source.ArrayRecordDataSource(paths)
+    self.stage = stage
+    self.shards = tuple(range(len(self.manifest["shards"])))
+    self._open(self.shards)
     if len(self._source) != self.manifest["total"]:
       raise ValueError(
         f"cache at {directory}: shards hold {len(self._source)} examples, manifest says "
         f"{self.manifest['total']}; delete it and rerun the {stage} stage"
       )
+
+  def _open(self, shards: Sequence[int]) -> None:
+    # Counts from the manifest as `path[start:end]` instructions: nothing is opened here.
+    entries = [self.manifest["shards"][i] for i in shards]
+    paths = [f"{os.fspath(self.directory / e['file'])}[0:{e['count']}]" for e in entries]
+    self._source = array_record_data_source.ArrayRecordDataSource(paths)
+
+  def subset(self, shards: Sequence[int]) -> CacheSource:
+    """The same cache restricted to whole shard files `shards` (in that order), re-indexed."""
+    num_shards = len(self.manifest["shards"])
+    bad = [s for s in shards if not 0 <= s < num_shards]
+    if bad or not shards:
+      raise ValueError(
+        f"cache at {self.directory}: shards {list(shards)} not in [0, {num_shards})."
+      )
+    sub = object.__new__(CacheSource)
+    sub.__dict__.update(self.__dict__)
+    sub.shards = tuple(shards)
+    sub._open(sub.shards)
+    return sub
 
   @property
   def spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -462,5 +480,26 @@ class CacheSource:
   def __getitems__(self, indices: Sequence[SupportsIndex]) -> list[dict[str, np.ndarray]]:
     return [decode_example(self.fields, r) for r in self._source.__getitems__(indices)]
 
+  def shard_files(self) -> list[str]:
+    """The shard file names this source reads (all of them, or a `subset`'s)."""
+    return [self.manifest["shards"][i]["file"] for i in self.shards]
+
   def __repr__(self) -> str:
-    return f"CacheSource({os.fspath(self.directory)!r}, n={len(self)})"
+    return f"CacheSource({os.fspath(self.directory)!r}, n={len(self)}, shards={len(self.shards)})"
+
+
+def owned_shards(source: CacheSource, process_index: int, process_count: int) -> list[int]:
+  """Whole shards read by `process_index` of `process_count`: `p, p + P, ...` (the writer's rule).
+
+  Disjoint across processes, covering every shard; refuses a cache with fewer shards than
+  processes (a host would read nothing), naming the fix.
+  """
+  num_shards = len(source.manifest["shards"])
+  if num_shards < process_count:
+    raise ValueError(
+      f"cache at {source.directory} has {num_shards} shards for {process_count} processes: with "
+      "config.data.process_split='shard' every host reads whole shards, so it needs at least one "
+      "shard per process. Re-encode with a smaller encode.examples_per_shard (at most "
+      f"{source.manifest['total'] // process_count}) or use process_split='global'."
+    )
+  return list(range(process_index, num_shards, process_count))

@@ -1,10 +1,22 @@
 """grain input pipelines: sharded, shuffled, checkpointable training batches and ordered batches.
 
-Training (`make_dataset`)::
+Training (`make_dataset`, `make_cache_dataset`)::
 
-  source -> [start:end] -> per-process stride shard -> shuffle (per epoch) -> repeat
-    -> ADM centre crop -> random horizontal flip -> to_iter_dataset (drops corrupt records)
+  source -> [start:end] -> shuffle (per epoch) -> repeat -> ADM centre crop
+    -> random horizontal flip -> this process's rows -> to_iter_dataset (drops corrupt records)
     -> batch -> [mp_prefetch when data.num_workers > 0]
+
+How the processes split the data (`config.data.process_split`):
+  * `"global"` (default): ONE seeded stream for the whole job. Global batch `k` is stream
+    positions `[k G, (k + 1) G)` with `G = B * process_count`, and process `p` takes rows
+    `[p B, (p + 1) B)` of it. The global batches, and so the training run, are the same for any
+    number of processes (1 x 8 devices equals 2 x 4, tested), and a job restarted on a slice of
+    another size continues the same stream. Every host reads records from every shard.
+  * `"shard"`: each process owns whole pieces of the data and shuffles within them. For a cache
+    (`make_cache_dataset`) process `p` reads the shard FILES `p, p + P, ...` (the same shards it
+    wrote in `encode`), so each host can stage only its own shards on local disk (ImageNet's
+    feature cache is ~1 TB; see the README's "Data at scale"); an image source is split by the
+    stride `p::P`. The order depends on the process count.
 
 Batches are dicts `{"image": uint8 [B, H, W, 3], "label": int32 [B], "id": int64 [B]}` where
 `B = batch_size` is the PER-PROCESS batch: the global batch is `batch_size * process_count`
@@ -18,7 +30,8 @@ Every pipeline's iterator is checkpointable: `state = it.get_state()`, and a fre
 same dataset with `it2.set_state(state)` yields exactly the batches `it` would have yielded next.
 With Orbax, use `checkpoint_save_args(it)` / `checkpoint_restore_args(it)` as the `data` item.
 
-Config fields read (`config.data`): `image_size` (int, or None for the native size),
+Config fields read (`config.data`): `process_split` (`"global"` | `"shard"`, above),
+`image_size` (int, or None for the native size),
 `random_flip` (bool, default False), `num_workers` (grain worker processes, default 0: in-process,
 deterministic and cheap on CPU), `read_threads` (default 8), `prefetch_buffer_size` (default 128),
 plus the source fields documented in `sources.make_source`.
@@ -35,6 +48,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from fae_jax.data import array_cache
 from fae_jax.data import sources as sources_lib
 
 Batch = dict[str, np.ndarray]
@@ -76,6 +90,51 @@ def center_crop_adm(image: np.ndarray, size: int | None) -> np.ndarray:
 def _derive_seed(seed: int, *stream: int) -> int:
   """A uint32 seed for one random stream of the pipeline (grain wants seeds < 2**32)."""
   return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
+
+
+PROCESS_SPLITS = ("global", "shard")
+
+
+def process_split(data_config: ml_collections.ConfigDict | None) -> str:
+  mode = (data_config or {}).get("process_split", "global")
+  if mode not in PROCESS_SPLITS:
+    raise ValueError(
+      f"config.data.process_split={mode!r} is not one of {PROCESS_SPLITS}: 'global' (one stream "
+      "for the job, equal for any process count) or 'shard' (each host reads whole shards)."
+    )
+  return mode
+
+
+class _ProcessRows(grain.MapDataset):
+  """Process `p`'s rows of a global stream: local index `i` -> `(i // B) G + p B + i % B`.
+
+  Global batch `k` is stream positions `[k G, (k + 1) G)`, `G = B * process_count`; process `p`
+  holds rows `[p B, (p + 1) B)` of every global batch. A finite stream's last partial global
+  batch of `r` rows is split evenly (`r // P` rows each, at most `P - 1` left out), so every
+  process sees the same number of examples and runs the same number of steps.
+  """
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int, index: int, count: int):
+    super().__init__(parent)
+    self._batch, self._index, self._count = batch_size, index, count
+    self._full, rest = divmod(len(parent), batch_size * count)
+    self._tail = rest // count
+    self._length = self._full * batch_size + self._tail
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    k, r = divmod(index, self._batch)
+    if k < self._full:
+      return self._parent[(k * self._count + self._index) * self._batch + r]
+    tail_start = self._full * self._batch * self._count
+    return self._parent[tail_start + self._index * self._tail + r]
+
+  def __str__(self) -> str:
+    return f"ProcessRows(batch={self._batch}, process={self._index}/{self._count})"
 
 
 def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -147,11 +206,13 @@ def make_dataset(
 ) -> grain.IterDataset:
   """The training/evaluation pipeline for one process.
 
-  Each process takes the stride `process_index::process_count` of `[start_index, end_index)`,
-  truncated so every process has exactly `(end - start) // process_count` examples (at most
-  `process_count - 1` tail examples are left out), so all processes run the same number of steps.
-  Shuffling is seeded by `(seed, process_index)` and differs per epoch; the flip of an example is
-  seeded by its position in the stream, so a resumed run sees the same flips.
+  With `data.process_split="global"` (default) every process builds the same seeded stream over
+  `[start_index, end_index)` (shuffled differently each epoch, flips seeded by stream position)
+  and takes its rows of each global batch (module docstring), so the global batches do not
+  depend on the process count. With `"shard"` each process takes the stride
+  `process_index::process_count`, truncated so every process has exactly
+  `(end - start) // process_count` examples, and shuffles it with `(seed, process_index)`.
+  Either way a resumed run sees the same examples and flips.
 
   Args:
     data_config: `config.data` (see the module docstring for the fields read).
@@ -185,14 +246,20 @@ def make_dataset(
       f"{end - start} examples cannot be split over {process_count} processes ({split=})."
     )
 
+  split_mode = process_split(data_config)
+  # In 'global' mode the stream is the job's, so no seed depends on the process.
+  stream = process_index if split_mode == "shard" else 0
   ds = grain.MapDataset.source(source)[start:end]
-  ds = ds[process_index : per_process * process_count : process_count]
+  if split_mode == "shard":
+    ds = ds[process_index : per_process * process_count : process_count]
   if shuffle:
-    ds = ds.shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM, process_index))
+    ds = ds.shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM, stream))
   ds = ds.repeat(num_epochs)
   ds = ds.map(_CenterCrop(data_config.get("image_size")))
   if data_config.get("random_flip", False):
-    ds = ds.random_map(_RandomFlip(), seed=_derive_seed(seed, _FLIP_STREAM, process_index))
+    ds = ds.random_map(_RandomFlip(), seed=_derive_seed(seed, _FLIP_STREAM, stream))
+  if split_mode == "global":
+    ds = _ProcessRows(ds, batch_size, process_index, process_count)
   # Corrupt records are None from here on; to_iter_dataset drops them (the source logs them).
   iter_ds = ds.to_iter_dataset(_read_options(data_config))
   iter_ds = iter_ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -355,20 +422,29 @@ def make_cache_dataset(
 ) -> grain.IterDataset:
   """Training batches from a cache (`array_cache.CacheSource`: features, latents).
 
-  Same sharding, shuffling and checkpointable-iterator contract as `make_dataset`, without the
-  image transforms; records whose `valid` field is 0 (images that could not be decoded when the
-  cache was written) are dropped.
+  Same shuffling and checkpointable-iterator contract as `make_dataset`, without the image
+  transforms. `data.process_split="global"` (default): one stream for the job, each process
+  takes its rows of every global batch. `"shard"`: process `p` reads only the shard files
+  `p, p + P, ...` of the cache (whole files, so a host can stage its own shards on local disk),
+  shuffled with `(seed, p)`; the shard counts per host may differ by one shard, which only
+  matters for finite `num_epochs`. Records whose `valid` field is 0 (images that could not be
+  decoded when the cache was written) are dropped after the split.
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   process_index, process_count = _process_defaults(process_index, process_count)
-  per_process = len(source) // process_count
-  if per_process == 0:
+  split_mode = process_split(data_config)
+  if split_mode == "shard" and process_count > 1:
+    source = source.subset(array_cache.owned_shards(source, process_index, process_count))
+  if len(source) < (process_count if split_mode == "global" else 1):
     raise ValueError(f"{len(source)} cached examples cannot be split over {process_count} hosts.")
-  ds = grain.MapDataset.source(source)[process_index : per_process * process_count : process_count]
+  stream = process_index if split_mode == "shard" else 0
+  ds = grain.MapDataset.source(source)
   if shuffle:
-    ds = ds.shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM, process_index))
+    ds = ds.shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM, stream))
   ds = ds.repeat(num_epochs)
+  if split_mode == "global":
+    ds = _ProcessRows(ds, batch_size, process_index, process_count)
   options = _read_options(data_config or ml_collections.ConfigDict())
   iter_ds = ds.to_iter_dataset(options).filter(_is_valid)
   return iter_ds.batch(batch_size, drop_remainder=drop_remainder)

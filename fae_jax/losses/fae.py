@@ -1,12 +1,22 @@
-"""The FAE objective: `||x_hat - x||^2 + beta * KL(q(z|x) || N(0, I))`.
+"""The FAE objective: `||x_hat - x||^2 + beta * KL(q(z|x) || N(0, I))`, per feature element.
 
-Reconstruction is the mean squared error over every element (batch, tokens, channels), so its
-scale does not depend on D or N. The KL is summed over the latent (h * w * c) and averaged over
-the batch, the usual VAE convention (LDM, VA-VAE, RAE), which makes `beta` comparable to theirs.
+Normalisation (one convention for both terms): the LDM objective of one example is the squared
+error summed over its N x D feature elements plus `beta` times the KL summed over its h x w x c
+latent elements. We divide that whole per-example objective by N x D and average over the batch:
 
-beta defaults to 1e-6 (our choice; the paper does not state it). It is the value LDM-style
-KL autoencoders and the FAE peers use; at this weight the KL only keeps the posterior variance
-from collapsing to zero and the latent scale bounded, while reconstruction dominates.
+  loss = mean_elements((x_hat - x)^2) + beta * mean_batch(KL_sum) / (N * D)
+
+So `beta` means exactly what it means in LDM / VA-VAE (the KL's weight against the *summed*
+squared error), while the loss and its gradients stay O(1) whatever N and D are (gradient
+clipping and Adam's epsilon see the same scale for the demo and ImageNet). The effective weight
+of the KL against the per-element MSE is `beta / (N * D)`: 1e-6 / (256 x 1536) = 2.5e-12 on
+ImageNet, 1e-6 / (64 x 384) = 4.1e-11 on the demo. (Before this convention the KL was a
+per-example sum against a per-element mean, i.e. N x D = 3.9e5 times stronger on ImageNet than
+the LDM weight of the same name.)
+
+beta defaults to 1e-6 (our choice; the paper does not state it; LDM-style KL autoencoders use
+it); at this weight the KL only keeps the posterior variance from collapsing and the latent
+scale bounded while reconstruction dominates. The `beta` sweep in both configs measures it.
 """
 
 from __future__ import annotations
@@ -37,7 +47,8 @@ def fae_loss(
     beta: KL weight.
 
   Returns:
-    `(loss, metrics)`; every metric is float32: scalars `loss`, `rec_mse`, `kl` (per example),
+    `(loss, metrics)`; every metric is float32: scalars `loss`, `rec_mse`, `kl` (summed over the
+    latent, per example; the loss weighs it by `beta / (N * D)`, see the module docstring),
     `feature_cosine` (mean per-token cosine of x and x_hat), `relative_mse`
     (`||x_hat - x||^2 / ||x||^2` over the batch), `posterior_std_mean`, and `[c]` vectors
     `latent_mean`, `latent_std` (of the posterior mean over batch and positions) and
@@ -53,12 +64,13 @@ def fae_loss(
   logvar = logvar.astype(jnp.float32)
   batch = x.shape[0]
   channels = mean.shape[-1]
+  feature_elements = x.shape[1] * x.shape[2]  # N * D per example
 
   rec = jnp.mean(jnp.square(x_hat - x))
   kl_elem = fae_model.kl_to_standard_normal(mean, logvar)
   kl_per_channel = jnp.sum(kl_elem.reshape(-1, channels), axis=0) / batch
   kl = jnp.sum(kl_elem) / batch
-  loss = rec + beta * kl
+  loss = rec + beta * kl / feature_elements
 
   flat_mean = mean.reshape(-1, channels)
   metrics = {

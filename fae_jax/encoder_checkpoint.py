@@ -17,6 +17,8 @@ import json
 import os
 from typing import Any
 
+from etils import epath
+
 from fae_jax import params_store
 from fae_jax.models.dinov2 import Dinov2Config
 
@@ -29,7 +31,8 @@ _MISSING = (
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  # epath, not the built-in open: the source may be a gs:// URL.
+  with epath.Path(path).open("rb") as f:
     while block := f.read(chunk):
       h.update(block)
   return h.hexdigest()

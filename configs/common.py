@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = ml_collections.FieldReference(None, field_type=int)  # None: native size
   c.data.random_flip = False
   c.data.num_workers = 0
+  c.data.max_skipped_images = 100  # image folders: undecodable files tolerated before stopping
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.max_train_examples = ml_collections.FieldReference(None, field_type=int)

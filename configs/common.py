@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   # How processes split the data (fae_jax.data.pipeline): 'global' = one stream for the job, the
   # same for any process count; 'shard' = each host reads whole cache shards of its own.
   c.data.process_split = "global"
+  c.data.max_skipped_images = 100  # image folders: undecodable files tolerated before stopping
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.max_train_examples = ml_collections.FieldReference(None, field_type=int)

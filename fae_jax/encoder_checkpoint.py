@@ -31,6 +31,7 @@ _MISSING = (
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
   h = hashlib.sha256()
+  # epath, not the built-in open: the source may be a gs:// URL.
   with epath.Path(path).open("rb") as f:
     while block := f.read(chunk):
       h.update(block)

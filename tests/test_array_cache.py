@@ -264,3 +264,89 @@ def test_grain_batches_and_pickling(tmp_path):
     sl = slice(4 * b, 4 * b + 4)
     for k in SPEC:
       _assert_bit_equal(batch[k], data[k][sl])
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity: per-shard checksums, verified once, bad shards named and re-encoded alone.
+
+
+def _reencode(directory, data):
+  writer = array_cache.CacheWriter(directory, SPEC, TOTAL, PER_SHARD, metadata=META)
+  pending = writer.pending_shards()
+  for shard in pending:
+    start, end = writer.shard_range(shard)
+    writer.write_shard(shard, {k: v[start:end] for k, v in data.items()})
+  writer.finalize()
+  return pending
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete"])
+def test_corrupt_shard_is_named_and_reencoded_alone(tmp_path, damage):
+  data = _examples()
+  directory = tmp_path / "cache"
+  _write_all(directory, data).finalize()
+  manifest = array_cache.read_manifest(directory)
+  assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
+  assert not list(directory.glob("*.sha256"))  # sidecars folded into the manifest
+  reference = _shard_bytes(directory)
+  array_cache.CacheSource(directory)  # verifies and records every shard as good
+
+  bad_file = directory / array_cache.shard_name(2, 5)
+  blob = bad_file.read_bytes()
+  if damage == "truncate":
+    bad_file.write_bytes(blob[: len(blob) // 2])
+  elif damage == "flip_byte":
+    bad_file.write_bytes(blob[:-20] + bytes([blob[-20] ^ 1]) + blob[-19:])
+  else:
+    bad_file.unlink()
+  if bad_file.exists():
+    # A damaged copy is a new file (staged again, rewritten): a new modification time.
+    os.utime(bad_file, (12345, 12345))
+  with pytest.raises(array_cache.CorruptCacheError) as e:
+    array_cache.CacheSource(directory, stage="encode")
+  message = str(e.value)
+  assert array_cache.shard_name(2, 5) in message and "shard 2" in message
+  assert "Rerun the encode stage" in message and "keeps the good ones" in message
+  assert e.value.bad.keys() == {2}
+
+  good_before = {n: b for n, b in _shard_bytes(directory).items() if "00002" not in n}
+  array_cache.discard_shards(directory, sorted(e.value.bad))
+  assert not array_cache.is_complete(directory)
+  assert _reencode(directory, data) == [2]  # only the bad shard is written again
+  assert _shard_bytes(directory) == reference  # bit-identical to the first encoding
+  assert {n: b for n, b in _shard_bytes(directory).items() if "00002" not in n} == good_before
+  source = array_cache.CacheSource(directory)
+  _assert_bit_equal(source[12]["features"], data["features"][12])
+
+
+def test_each_shard_is_hashed_once(tmp_path, monkeypatch):
+  directory = tmp_path / "cache"
+  _write_all(directory, _examples()).finalize()
+  calls = []
+  real = array_cache.file_sha256
+  monkeypatch.setattr(array_cache, "file_sha256", lambda p: calls.append(p) or real(p))
+  array_cache.CacheSource(directory)
+  assert len(calls) == 5
+  array_cache.CacheSource(directory)
+  array_cache.CacheSource(directory)
+  assert len(calls) == 5  # markers: not hashed again
+  # A shard replaced by another file (e.g. staged again) is hashed again.
+  path = directory / array_cache.shard_name(0, 5)
+  blob = path.read_bytes()
+  path.unlink()
+  path.write_bytes(blob)
+  os.utime(path, (1, 1))
+  array_cache.CacheSource(directory)
+  assert len(calls) == 6
+
+
+def test_cache_without_checksums_still_reads(tmp_path):
+  """Caches finalised before checksums existed: readable, not verified."""
+  directory = tmp_path / "cache"
+  data = _examples()
+  _write_all(directory, data).finalize()
+  manifest = json.loads((directory / "manifest.json").read_text())
+  for s in manifest["shards"]:
+    del s["sha256"]
+  (directory / "manifest.json").write_text(json.dumps(manifest))
+  _assert_bit_equal(array_cache.CacheSource(directory)[3]["id"], data["id"][3])

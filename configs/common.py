@@ -34,13 +34,31 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return result
 
 
+# Every stage in pipeline order (fae_jax.stages.STAGES; a test keeps the two equal).
+PIPELINE = ("convert", "encode", "fae", "pixel", "latents", "diffusion", "flow", "evaluate")
+
+
+def apply_stage_preset(config: ml_collections.ConfigDict, stage: str) -> None:
+  """`:stage=<name>`: run that one stage against an existing workdir.
+
+  Its inputs are read from the run's own workdir, or from `--config.upstream_workdir` (the
+  outputs of a stage a run does not itself run are read there when it is set).
+  """
+  if not stage:
+    return
+  if stage not in PIPELINE:
+    raise ValueError(f"Unknown stage preset stage={stage!r}; choose one of {PIPELINE}.")
+  config.stages = (stage,)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field a stage reads, with defaults; config files override what they need."""
   c = ml_collections.ConfigDict()
   c.name = "fae"
   c.seed = 0
   c.stages = ("convert", "encode")
-  # Read the encoder and feature cache from another workdir (sweep points share one); '' = own.
+  # Read the encoder and feature cache, and the outputs of stages this run does not run, from
+  # another workdir (sweep points and `:stage=` runs share one); '' = own.
   c.upstream_workdir = ""
 
   c.mesh = ml_collections.ConfigDict()
@@ -337,8 +355,13 @@ def sweep(name: str) -> list[dict]:
 
 
 def sweep_stages(name: str) -> dict[str, tuple[str, ...]]:
-  """`{"shared": stages run once in <root>/shared, "point": stages each point runs}`."""
+  """`{"shared": stages run once in <root>/shared, "point": stages each point runs,
+  "shared_overrides": config fields set for the shared run only}`."""
   if name not in SWEEPS:
     raise ValueError(f"Unknown sweep {name!r}; choose one of {sorted(SWEEPS)}.")
   _, _, shared, point = SWEEPS[name]
-  return {"shared": shared, "point": point}
+  out = {"shared": shared, "point": point, "shared_overrides": {}}
+  if "pixel" in shared and "fae" not in shared:
+    # The shared pixel decoder is the noisy-feature one: no FAE to fine-tune on there.
+    out["shared_overrides"] = {"pixel.finetune.train.num_steps": 0}
+  return out

@@ -16,19 +16,10 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, random_encoder=False, tiny=False, perceptual=False)
+  args = common.parse_arg(arg, random_encoder=False, tiny=False, perceptual=False, stage="")
   config = common.base_config()
   config.name = "demo"
-  config.stages = (
-    "convert",
-    "encode",
-    "fae",
-    "pixel",
-    "latents",
-    "diffusion",
-    "flow",
-    "evaluate",
-  )
+  config.stages = common.PIPELINE
 
   # Frozen encoder.
   config.encoder.variant = "S/14"
@@ -189,6 +180,7 @@ def get_config(arg: str | None = None):
     t.num_steps, t.batch_size, t.warmup_steps, t.log_every, t.checkpoint_every = 4, 16, 1, 2, 2
     e.num_samples, e.batch_size, e.probe_train_examples = 40, 40, 64
     e.unguided.num_steps = e.guided.num_steps = 4
+  common.apply_stage_preset(config, args.stage)
   return config
 
 

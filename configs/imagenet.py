@@ -2,8 +2,12 @@
 
   python -m fae_jax.main --config=configs/imagenet.py --workdir=gs://bucket/fae/run1
   python -m fae_jax.main --config=configs/imagenet.py:runlocal --workdir=/tmp/fae   # smoke run
+  python -m fae_jax.main --config=configs/imagenet.py:stage=diffusion --workdir=gs://bucket/fae/run1
 
-Presets after the colon: `runlocal` (tiny batch/steps for a smoke run on one host).
+Every stage runs by default, in order: convert, encode, fae, pixel, latents, diffusion, flow,
+evaluate (each skipped when complete, resumable). Presets after the colon: `runlocal` (tiny
+batch/steps for a smoke run on one host); `stage=<name>` runs that one stage against an existing
+workdir (its inputs from the same workdir, or from `--config.upstream_workdir`).
 The encoder weights come from a DINOv2-g/14 checkpoint the user provides
 (`--config.encoder.source=/path/dinov2_vitg14_pretrain.pth` or a HF `model.safetensors`).
 """
@@ -12,10 +16,10 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, runlocal=False)
+  args = common.parse_arg(arg, runlocal=False, stage="")
   config = common.base_config()
   config.name = "imagenet256"
-  config.stages = ("convert", "encode", "fae", "pixel")
+  config.stages = common.PIPELINE
   config.fae.dtype = "bfloat16"
   # The paper's 170.43M feature decoder has no output projection: the final RMSNorm output is
   # x_hat, which suits the per-token standardised `no_affine` targets (README, design notes).
@@ -46,10 +50,11 @@ def get_config(arg: str | None = None):
   config.pixel.input = "encoder"
   config.pixel.dtype = "bfloat16"
 
-  # Flow generator (stage `flow`, not in the default stages): STARFlow's 1.4B layout on the
+  # Flow generator (stage `flow`): STARFlow's 1.4B layout on the
   # 16x16x32 latents (common.py defaults), bfloat16 compute, each layer rematerialised.
   config.flow.dtype = "bfloat16"
   config.flow.model.remat = True
+  config.evaluate.generators = ("diffusion", "flow")
 
   if args.runlocal:
     config.data.max_train_examples = 256
@@ -75,6 +80,18 @@ def get_config(arg: str | None = None):
     f.model.width, f.model.num_heads, f.model.deep_depth, f.model.num_shallow = 64, 2, 2, 1
     f.train.num_steps, f.train.batch_size, f.train.warmup_steps = 10, 16, 2
     f.train.log_every, f.train.checkpoint_every = 5, 10
+    d = config.diffusion
+    d.model.variant = "S/1"
+    d.train.num_steps, d.train.batch_size, d.train.log_every, d.train.checkpoint_every = (
+      10,
+      16,
+      5,
+      10,
+    )
+    e = config.evaluate
+    e.num_samples, e.batch_size, e.probe_train_examples = 32, 16, 256
+    e.unguided.num_steps = e.guided.num_steps = 4
+  common.apply_stage_preset(config, args.stage)
   return config
 
 

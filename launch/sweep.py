@@ -60,17 +60,29 @@ def point_name(overrides: dict) -> str:
 
 
 def build_commands(
-  config_arg: str, root: str, python: str = sys.executable, extra: list[str] = ()
+  config_arg: str,
+  root: str,
+  python: str = sys.executable,
+  extra: list[str] = (),
+  points: list[int] | None = None,
 ) -> list[list[str]]:
   """One command for the shared upstream stages, then one per sweep point.
 
-  `extra` flags (e.g. `--config.fae.train.num_steps=200`) are appended to every point.
+  `extra` flags (e.g. `--config.fae.train.num_steps=200`) are appended to every point;
+  `points` (indices into the sweep) restricts which points run.
   """
   path, sweep, rest = split_config_arg(config_arg)
   module = load_config_module(path)
   if not sweep:
     raise SystemExit(f"--config={config_arg} names no sweep; add ':sweep=NAME'.")
-  points = module.sweep(sweep)
+  all_points = module.sweep(sweep)
+  if points is not None:
+    bad = [i for i in points if not 0 <= i < len(all_points)]
+    if bad:
+      raise SystemExit(
+        f"--points {bad} out of range: sweep {sweep!r} has {len(all_points)} points."
+      )
+  chosen = all_points if points is None else [all_points[i] for i in points]
   config_flag = f"--config={path}" + (f":{rest}" if rest else "")
   shared = os.path.join(root, "shared")
   stages = module.sweep_stages(sweep)
@@ -83,8 +95,9 @@ def build_commands(
       f"--workdir={shared}",
       f"--config.stages={format_value(stages['shared'])}",
     ]
+    + [f"--config.{k}={format_value(v)}" for k, v in stages.get("shared_overrides", {}).items()]
   ]
-  for overrides in points:
+  for overrides in chosen:
     cmd = [
       python,
       "-m",
@@ -105,11 +118,13 @@ def main(argv=None):
   parser.add_argument("--config", required=True, help="path.py:sweep=NAME[,presets]")
   parser.add_argument("--root", required=True, help="root directory of the sweep's workdirs")
   parser.add_argument("--mode", choices=["dry", "local"], default="dry")
+  parser.add_argument("--points", default=None, help="comma-separated point indices (default all)")
   args, extra = parser.parse_known_args(argv)
   bad = [e for e in extra if not e.startswith("--config.")]
   if bad:
     parser.error(f"unknown arguments {bad}; extra flags must be --config.<field>=<value>")
-  commands = build_commands(args.config, args.root, extra=extra)
+  points = [int(i) for i in args.points.split(",")] if args.points else None
+  commands = build_commands(args.config, args.root, extra=extra, points=points)
   for cmd in commands:
     print(shlex.join(cmd), flush=True)
     if args.mode == "local":

@@ -28,6 +28,17 @@ class StageContext:
     up = self.config.get("upstream_workdir") or ""
     return epath.Path(up) if up else self.workdir
 
+  def input_root(self, stage: str) -> epath.Path:
+    """The workdir holding `stage`'s outputs as this run's input.
+
+    The run's own workdir when it runs `stage` itself (or has no upstream); otherwise
+    `config.upstream_workdir`: a sweep point or a `:stage=<name>` run reads the outputs of the
+    stages it does not run from the shared run.
+    """
+    if stage in tuple(self.config.stages) or self.upstream == self.workdir:
+      return self.workdir
+    return self.upstream
+
   @property
   def encoder_dir(self) -> epath.Path:
     return self.upstream / "encoder"

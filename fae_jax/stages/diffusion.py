@@ -79,7 +79,7 @@ def make_loss_fn(model: dit_model.Dit, config: ml_collections.ConfigDict):
 
 def run(ctx: StageContext) -> dict:
   config = ctx.config
-  latent_shape, num_classes = generator.latent_geometry(ctx.workdir, config)
+  latent_shape, num_classes = generator.latent_geometry(ctx.input_root("latents"), config)
   mcfg = model_config(config, latent_shape, num_classes)
   model = dit_model.Dit(mcfg, dtype=jnp.dtype(config.diffusion.dtype))
   x0 = jnp.zeros((1, *latent_shape), jnp.float32)
@@ -92,6 +92,7 @@ def run(ctx: StageContext) -> dict:
   obj = config.diffusion.objective
   result = generator.train_and_export(
     workdir=ctx.workdir,
+    latents_root=ctx.input_root("latents"),
     config=config,
     mesh=ctx.mesh,
     stage=NAME,

@@ -170,7 +170,7 @@ def diffusion_generators(
   """`{"trained": (model, params, stats, meta), "untrained": (...)}` for the DiT; `meta` is the
   export's `model.json` (both entries share it), `stats` its per-channel latent statistics."""
   params, mcfg, meta = artifacts.load_export(
-    "diffusion", artifacts.export_dir(ctx.workdir, "diffusion")
+    "diffusion", artifacts.export_dir(ctx.input_root("diffusion"), "diffusion")
   )
   model = dit_model.Dit(mcfg, dtype=jnp.dtype(ctx.config.diffusion.dtype))
   stats = {k: np.asarray(v, np.float32) for k, v in meta["latent_stats"].items()}
@@ -239,7 +239,9 @@ def make_flow_sampler(
 def flow_runs(ctx: StageContext) -> tuple[list[Run], dict[str, np.ndarray], dict[str, Any]]:
   """The flow's runs (trained x each setting, untrained unguided: a fresh flow is the identity,
   so that reference decodes Gaussian noise), its latent statistics and sampler settings."""
-  params, mcfg, meta = artifacts.load_export("flow", artifacts.export_dir(ctx.workdir, "flow"))
+  params, mcfg, meta = artifacts.load_export(
+    "flow", artifacts.export_dir(ctx.input_root("flow"), "flow")
+  )
   model = tarflow.TarFlow(mcfg)
   stats = {k: np.asarray(v, np.float32) for k, v in meta["latent_stats"].items()}
   settings = flow_settings(ctx.config)
@@ -273,7 +275,12 @@ def run(ctx: StageContext) -> dict:
   ev = config.evaluate
   out_dir = ctx.workdir / OUTPUT
   out_dir.mkdir(parents=True, exist_ok=True)
-  ae = Autoencoder.load(ctx.workdir, encoder_dir=ctx.encoder_dir)
+  ae = Autoencoder.load(
+    ctx.workdir,
+    encoder_dir=ctx.encoder_dir,
+    fae_dir=artifacts.export_dir(ctx.input_root("fae"), "fae"),
+    pixel_dir=artifacts.export_dir(ctx.input_root("pixel"), "pixel"),
+  )
   num_classes = sources.num_classes(config.data)
   n = int(ev.num_samples)
   bs = int(ev.batch_size)

@@ -76,7 +76,7 @@ def make_loss_fn(model: tarflow.TarFlow):
 
 def run(ctx: StageContext) -> dict:
   config = ctx.config
-  latent_shape, num_classes = generator.latent_geometry(ctx.workdir, config)
+  latent_shape, num_classes = generator.latent_geometry(ctx.input_root("latents"), config)
   mcfg = model_config(config, latent_shape, num_classes)
   model = tarflow.TarFlow(mcfg)
   x0 = jnp.zeros((1, *latent_shape), jnp.float32)
@@ -86,6 +86,7 @@ def run(ctx: StageContext) -> dict:
 
   result = generator.train_and_export(
     workdir=ctx.workdir,
+    latents_root=ctx.input_root("latents"),
     config=config,
     mesh=ctx.mesh,
     stage=NAME,

@@ -156,7 +156,7 @@ def channel_stats(source: Any, batch_size: int = 256) -> dict[str, list[float]]:
 def run(ctx: StageContext) -> dict:
   enc_params, spec, enc_meta = artifacts.load_frozen_encoder(ctx.encoder_dir, ctx.config)
   fae_params, fcfg, fae_meta = artifacts.load_fae_for_encoder(
-    artifacts.export_dir(ctx.workdir, "fae"), enc_meta["fingerprint"]
+    artifacts.export_dir(ctx.input_root("fae"), "fae"), enc_meta["fingerprint"]
   )
   dtype = jnp.dtype(ctx.config.encoder.dtype)
   h, w = fcfg.grid

@@ -278,7 +278,7 @@ def _setup(ctx: StageContext) -> _Run:
   encoder_params, spec, encoder_meta = artifacts.load_frozen_encoder(ctx.encoder_dir, ctx.config)
   decoder_cfg = decoder_config(config, spec)
   image_size = _data_image_size(config)
-  fae_dir = artifacts.export_dir(ctx.workdir, "fae")
+  fae_dir = artifacts.export_dir(ctx.input_root("fae"), "fae")
   fae = None
   if artifacts.export_exists(fae_dir):
     fae = artifacts.load_fae_for_encoder(fae_dir, encoder_meta["fingerprint"])

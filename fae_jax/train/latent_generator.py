@@ -60,6 +60,7 @@ def latent_geometry(
 def train_and_export(
   *,
   workdir: epath.Path,
+  latents_root: epath.Path | None = None,
   config: ml_collections.ConfigDict,
   mesh: Mesh,
   stage: str,
@@ -72,12 +73,14 @@ def train_and_export(
   """Trains a generator on the latent cache and exports its final weights.
 
   `loss_fn(params, batch, rng, stats)` receives batches of `LATENT_FIELDS` and the per-channel
-  statistics `{"mean", "std"}`. `export_meta` is merged into the export's `model.json` (with
+  statistics `{"mean", "std"}`; the latent cache is read from `latents_root` (default
+  `workdir`; the upstream run's for sweep points). `export_meta` is merged into the export's `model.json` (with
   `weights`, `step` and `latent_stats`). Returns the stage's common report values (`steps`,
   `train_seconds`, `num_params` and the logged loss curve).
   """
-  source = feature_cache.latent_source(workdir)
-  stats = feature_cache.load_latent_stats(workdir)
+  latents_root = workdir if latents_root is None else latents_root
+  source = feature_cache.latent_source(latents_root)
+  stats = feature_cache.load_latent_stats(latents_root)
   sharding.check_batch_divisible(int(train_cfg.batch_size), mesh, f"config.{stage}.train")
   per_process = int(train_cfg.batch_size) // jax.process_count()
 

@@ -20,9 +20,12 @@ Weights: `PARAM_TOL` (rtol 1e-4, atol 1e-5): the gradient all-reduce over 8 devi
 another order on one CPU client than over gloo between two, which changes float32 sums in the
 last bits; Adam turns those into parameter differences of about lr * 1e-6 per step over at most
 20 steps. Report: `REPORT_TOL` (rtol 1e-3, atol 1e-4): metrics of those weights (Frechet
-distances, losses, PSNR) move by the same relative amount times the metric's sensitivity; the
-integer counts and accuracies on 40-64 examples must match exactly in practice (one flipped
-prediction would be 1/64 = 0.016, far outside the tolerance).
+distances, losses, PSNR) move by the same relative amount times the metric's sensitivity.
+Accuracies (linear probes, class consistency) are argmaxes over 40-64 examples: a near-tie
+example may flip on last-bit differences (seen: the probe on the bit-identical cached features
+gave 28/64 in one layout and 27/64 in the other, the probe's float32 training runs with another
+CPU thread partition when a process has 4 devices instead of 8), so they may differ by at most
+`ACCURACY_FLIPS` examples; every other number must agree within `REPORT_TOL`.
 
 Cost: the 1x8 reference and the 2x4 run are computed once per session (a file lock shares them
 between pytest-xdist workers); the restart test reuses the 2x4 run's encoder and feature cache.
@@ -58,6 +61,7 @@ OVERRIDES = (
 FAE_STEPS, FAE_CHECKPOINT_EVERY, KILL_STEP = 20, 10, 15  # from `tiny`
 PARAM_TOL = {"rtol": 1e-4, "atol": 1e-5}
 REPORT_TOL = {"rtol": 1e-3, "atol": 1e-4}
+ACCURACY_FLIPS, MIN_ACCURACY_EXAMPLES = 1, 40  # one example of the smallest evaluated set
 EXPORTS = (
   "encoder",
   "fae/export",
@@ -113,7 +117,11 @@ def _locked(path: pathlib.Path):
 
 def _shared_run(tmp_path_factory, name, num_processes, devices) -> pathlib.Path:
   """`<shared>/<name>/{run,logs}`: run once per session, whichever xdist worker comes first."""
-  shared = tmp_path_factory.getbasetemp().parent / "multihost_pipeline"
+  # Under xdist each worker's basetemp is `<session dir>/popen-gwN`: share the session dir.
+  base_temp = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base_temp = base_temp.parent
+  shared = base_temp / "multihost_pipeline"
   base = shared / name
   with _locked(shared / f"{name}.lock"):
     if not (base / "ok").exists():
@@ -141,8 +149,10 @@ def two_by_four(tmp_path_factory):
 
 def _assert_caches_identical(a: pathlib.Path, b: pathlib.Path):
   for cache in ("features/train", "features/eval", "latents/train"):
-    files_a = sorted(p.name for p in (a / cache).iterdir())
-    assert files_a == sorted(p.name for p in (b / cache).iterdir()), cache
+    # Hidden entries are readers' local bookkeeping (e.g. `.verified`), not cache contents.
+    files_a = sorted(p.name for p in (a / cache).iterdir() if not p.name.startswith("."))
+    files_b = sorted(p.name for p in (b / cache).iterdir() if not p.name.startswith("."))
+    assert files_a == files_b, cache
     assert "manifest.json" in files_a
     for name in files_a:
       assert (a / cache / name).read_bytes() == (b / cache / name).read_bytes(), f"{cache}/{name}"
@@ -194,6 +204,8 @@ def _assert_reports_close(a: pathlib.Path, b: pathlib.Path):
     vb = rb[key]
     if isinstance(va, bool) or not isinstance(va, int | float):
       assert va == vb, key
+    elif "probe_top1" in key or "class_consistency" in key:
+      assert abs(va - vb) <= ACCURACY_FLIPS / MIN_ACCURACY_EXAMPLES + 1e-9, (key, va, vb)
     else:
       np.testing.assert_allclose(vb, va, **REPORT_TOL, err_msg=key)
 

@@ -10,8 +10,9 @@ through `fae_jax.data.feature_cache`), never by importing that stage. Layout of 
   diffusion/export/         DiT weights            model.json: DitConfig, latent_stats, time_shift
   flow/export/              TarFlow weights        model.json: TarFlowConfig, latent_stats
 
-Every export is a `fae_jax.params_store` directory (Orbax params + `model.json`), written whole
-under a temporary name and renamed, so a reader sees a complete export or none.
+Every export is a `fae_jax.params_store` directory (Orbax params + `model.json`); `model.json`
+is its commit marker, written last, so a reader sees a complete export or none, on local disk and
+on `gs://` (nothing is renamed). Saving is collective: every process calls it.
 
   load_export(kind, directory) -> (params, model config, meta)     kind in EXPORT_KINDS
   load_frozen_encoder(directory, config) -> (params, EncoderSpec, meta)
@@ -26,7 +27,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from fae_jax import encoder_checkpoint, params_store
+from fae_jax import encoder_checkpoint, multihost, params_store
 from fae_jax.models import dit as dit_model
 from fae_jax.models import fae as fae_model
 from fae_jax.models import pixel_decoder as pd
@@ -100,25 +101,29 @@ def save_export(directory: epath.PathLike, params: Any, meta: dict[str, Any]) ->
 def replace_export(directory: epath.Path, params: Any, meta: dict[str, Any]) -> None:
   """Writes an export, replacing one of another `(phase, step)` (e.g. a phase trained longer).
 
-  The new export is complete on disk before the old one is moved away, so a crash leaves either
-  of the two (or, between the two renames, the new one under a temporary name: rerun).
+  Collective. GCS-safe: no directory is renamed (on `gs://` a rename is a copy plus a delete).
+  The old export is uncommitted first (its `model.json` deleted, then its files), then the new
+  one is written and committed, so a reader (and a crash at any point) finds the old export, the
+  new one, or none; never a mix. None only after a crash here: the stage did not finish, so the
+  rerun restores the phase's last checkpoint and exports it again. Process 0 decides.
   """
   directory = epath.Path(directory)
-  if not params_store.exists(directory, EXPORT_META):
-    save_export(directory, params, meta)
+
+  def current() -> str:
+    if not params_store.exists(directory, EXPORT_META):
+      return "absent"
+    old = params_store.load_meta(directory, EXPORT_META, "")
+    same = (old.get("phase"), old.get("step")) == (meta["phase"], meta["step"])
+    return "same" if same else "other"
+
+  state = multihost.decide_once(f"replace-export:{directory}", current)
+  if state == "same":
     return
-  old = params_store.load_meta(directory, EXPORT_META, "")
-  if (old.get("phase"), old.get("step")) == (meta["phase"], meta["step"]):
-    return
-  fresh = directory.parent / f".{directory.name}.new"
-  stale = directory.parent / f".{directory.name}.old"
-  for path in (fresh, stale):
-    if path.exists():
-      path.rmtree()
-  save_export(fresh, params, meta)
-  directory.rename(stale)
-  fresh.rename(directory)
-  stale.rmtree()
+  if state == "other":
+    if multihost.is_primary():
+      multihost.remove_directory(directory, EXPORT_META)
+    multihost.barrier(f"replace-export-removed:{directory}")
+  save_export(directory, params, meta)
 
 
 def encoder_spec(config: ml_collections.ConfigDict, backbone: Dinov2Config) -> EncoderSpec:

@@ -1,35 +1,34 @@
-"""Atomic file writes: write a temporary sibling, then rename it over the target.
+"""Atomic file writes, on local disk and on object stores (`gs://`), for every module.
 
-Readers never see half a file: a crash leaves either the old file or the new one (plus, at
-worst, a stale `.<name>.tmp-<pid>` sibling that the next writer of that name ignores or removes).
-Paths are `etils.epath` paths, so the same calls work on local disks and on `gs://` buckets.
+Readers never see half a file: a crash leaves either the old file or the new one. The protocol is
+`fae_jax.multihost`'s (the one implementation): on `gs://` one object write (an upload becomes
+visible only when complete; rename there is a copy plus a delete, so nothing is renamed); on local
+disk a temporary sibling `.<name>.tmp-<pid>` then `replace` (at worst a stale sibling is left,
+which the next writer of that name ignores). Paths are `etils.epath` paths.
 
   write_text_atomic(path, text)     write_bytes_atomic(path, data)
-  write_json_atomic(path, obj)      temp_path(path): the sibling name, for streamed writers
+  write_json_atomic(path, obj)      temp_path(path): the local sibling name, for streamed writers
+
+A file every host shares is written by one process (`multihost.is_primary()`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from etils import epath
 
+from fae_jax import multihost
 
-def temp_path(path: epath.PathLike) -> epath.Path:
-  """The temporary sibling `<dir>/.<name>.tmp-<pid>` a writer fills before renaming it."""
-  path = epath.Path(path)
-  return path.parent / f".{path.name}.tmp-{os.getpid()}"
+temp_path = multihost.temp_path
 
 
 def write_bytes_atomic(path: epath.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` (parent folders created) through a renamed temporary sibling."""
+  """Writes `data` to `path` (parent folders created) atomically (see the module doc)."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = temp_path(path)
-  tmp.write_bytes(data)
-  tmp.replace(path)
+  multihost.write_bytes_atomic(path, data)
 
 
 def write_text_atomic(path: epath.PathLike, text: str) -> None:

@@ -23,7 +23,7 @@ from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fae_jax import multihost, sharding  # noqa: E402
+from fae_jax import fileio, multihost, sharding  # noqa: E402
 from fae_jax import report as report_lib  # noqa: E402
 from fae_jax.stages import STAGES, StageContext  # noqa: E402
 from fae_jax.train.checkpoint import absolute_path  # noqa: E402
@@ -74,7 +74,7 @@ def run_stages(config, workdir: epath.Path) -> dict:
   logging.info("Mesh: %s", dict(mesh.shape))
   ctx = StageContext(config=config, workdir=workdir, mesh=mesh)
   if multihost.is_primary():
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    fileio.write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
   for name in config.stages:
     stage = STAGES[name]
     # One decision for all hosts (they could see the files differently), then all follow.

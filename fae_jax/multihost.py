@@ -11,6 +11,9 @@ does not yet, a value only one host computed) must go through here:
 * `decide_once(name, fn)`: process 0 computes a small JSON value, every process gets that value,
   so hosts cannot disagree (e.g. whether a stage is already complete).
 * `gather(tree)`: a global (sharded) array as numpy on every host.
+* `share_from_primary(name, fn)`: process 0 computes arrays (e.g. loads a checkpoint only it can
+  read), every process gets them, leaf by leaf.
+* `sum_over_processes(values)`: per-host counts summed over hosts (every host gets the sum).
 * GCS-safe atomic writes. `rename` is not atomic on `gs://` (a copy then a delete) and
   `shutil.rmtree` does not work there, so nothing here renames a directory or uses `os`/`shutil`:
   - a file is written in one object write on object stores (atomic there) and to a temporary
@@ -201,6 +204,44 @@ def gather(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def share_from_primary(name: str, fn: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+  """Process 0 runs `fn() -> (small JSON value, pytree of numpy arrays)`; every process returns both.
+
+  The tree's structure, shapes and dtypes travel with `decide_once`, then each leaf is broadcast
+  on its own (`broadcast_one_to_all`), so at most one leaf is in flight: a multi-GB checkpoint
+  never needs a second copy on a device. Collective. One process: `fn()` unchanged.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  held = {}
+
+  def describe_primary():
+    value, tree = fn()
+    leaves, treedef = jax.tree.flatten(tree)
+    held["leaves"], held["treedef"] = [np.asarray(a) for a in leaves], treedef
+    # The structure as a tree of None leaves: JSON keeps dict keys (str), lists and None.
+    skeleton = jax.tree.unflatten(treedef, [None] * len(leaves))
+    shapes = [[list(a.shape), str(a.dtype)] for a in held["leaves"]]
+    return {"value": value, "skeleton": skeleton, "shapes": shapes}
+
+  described = decide_once(f"share:{name}", describe_primary)
+  if is_primary():
+    leaves, treedef = held["leaves"], held["treedef"]
+  else:
+    leaves = [np.zeros(shape, dtype) for shape, dtype in described["shapes"]]
+    treedef = jax.tree.structure(described["skeleton"], is_leaf=lambda x: x is None)
+  shared = [np.asarray(multihost_utils.broadcast_one_to_all(a)) for a in leaves]
+  return described["value"], jax.tree.unflatten(treedef, shared)
+
+
+def sum_over_processes(values: Any) -> np.ndarray:
+  """`values` (a number or an int/float vector, per host) summed over every host. Collective."""
+  x = np.atleast_1d(np.asarray(values))
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.process_allgather(x)).reshape(-1, *x.shape).sum(0)
+
+
 # --- GCS-safe writes ----------------------------------------------------------------------------
 
 
@@ -208,13 +249,22 @@ def is_object_store(path: str | os.PathLike) -> bool:
   return str(path).startswith(OBJECT_STORE_PREFIXES)
 
 
+def temp_path(path: str | os.PathLike) -> epath.Path:
+  """The temporary sibling `<dir>/.<name>.tmp-<pid>` a local writer fills before replacing."""
+  path = epath.Path(path)
+  return path.parent / f".{path.name}.tmp-{os.getpid()}"
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-  """Readers see the old file or the whole new one, never part of it (local disk and gs://)."""
+  """Readers see the old file or the whole new one, never part of it (local disk and gs://).
+
+  One process writes a given file (callers guard with `is_primary()` where all hosts share it).
+  """
   path = epath.Path(path)
   if is_object_store(path):
     path.write_bytes(data)  # one object upload: visible only once complete
     return
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp = temp_path(path)
   tmp.write_bytes(data)
   tmp.replace(path)
 

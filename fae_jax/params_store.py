@@ -66,16 +66,24 @@ def load_meta(directory: str | os.PathLike, meta_name: str, missing_hint: str) -
 
 
 def load_params(directory: str | os.PathLike, shardings: Any | None = None) -> Any:
-  """Restores the params; onto `shardings` (a matching pytree) when given, else host arrays."""
+  """Restores the params; onto `shardings` (a matching pytree) when given, else as host numpy
+  arrays (every process reads them whole; with several processes Orbax's default would be arrays
+  spanning every host's devices, which no host can read, and a committed single-device array
+  cannot be `device_put` onto a mesh of several hosts, while numpy can).
+  """
   path = (epath.Path(directory) / PARAMS_NAME).resolve()
   with ocp.StandardCheckpointer() as ckptr:
     abstract = ckptr.metadata(path).item_metadata
     if hasattr(abstract, "tree"):
       abstract = abstract.tree
     if shardings is None:
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), abstract)
+      local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), abstract
+      )
     else:
       target = jax.tree.map(
         lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), abstract, shardings
       )
-    return ckptr.restore(path, target)
+    restored = ckptr.restore(path, target)
+  return restored if shardings is not None else jax.device_get(restored)

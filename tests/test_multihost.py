@@ -18,7 +18,8 @@ from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
-from fae_jax import multihost, params_store
+from fae_jax import artifacts, fileio, multihost, params_store
+from fae_jax.train import metrics as train_metrics
 
 
 class Crash(Exception):
@@ -46,7 +47,9 @@ def fake_gcs(tmp_path, monkeypatch):
   fake = FakeGcs()
 
   def open_(original, path, mode):
-    if any(m in mode for m in "wax+"):
+    if "a" in mode:
+      raise OSError(f"open({path}, {mode!r}): objects on GCS cannot be appended to")
+    if any(m in mode for m in "wx+"):
       fake.tick(f"write {path}")
     return original(path, mode)
 
@@ -247,3 +250,84 @@ def test_params_store_crash_in_orbax_save_leaves_no_model(tmp_path, monkeypatch)
   for k, v in params.items():
     np.testing.assert_array_equal(got[k], v)
   assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.json", "params"]
+
+
+def test_fileio_uses_the_same_one_object_write_on_gcs(fake_gcs):
+  path = epath.Path("gs://bucket/run/features/train/manifest.json")
+  fileio.write_json_atomic(path, {"total": 3})  # parent folders created, no rename
+  fileio.write_json_atomic(path, {"total": 4})
+  assert json.loads(path.read_text()) == {"total": 4}
+  assert fake_gcs.ops == 2 and fake_gcs.renames == 0
+  assert [p.name for p in path.parent.iterdir()] == ["manifest.json"]
+
+
+def test_train_log_on_gcs_is_rewritten_not_appended_and_continues_after_a_restart(fake_gcs):
+  path = epath.Path("gs://bucket/run/fae") / train_metrics.LOG_NAME
+  path.parent.mkdir(parents=True)
+  writer = train_metrics.JsonlWriter(path)
+  writer.write_scalars(5, {"train/loss": 3.0})
+  writer.write_scalars(10, {"train/loss": 2.0})
+  resumed = train_metrics.JsonlWriter(path)  # a restarted run continues the same log
+  resumed.write_scalars(15, {"train/loss": 1.0})
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [r["step"] for r in rows] == [5, 10, 15]
+  assert train_metrics.logged_loss_curve(path.parent) == {
+    "train_loss_first": 3.0,
+    "train_loss_last": 1.0,
+  }
+  assert fake_gcs.renames == 0
+
+
+def test_train_log_on_local_disk_appends(tmp_path):
+  writer = train_metrics.JsonlWriter(tmp_path / train_metrics.LOG_NAME)
+  writer.write_scalars(1, {"train/loss": 2.0})
+  train_metrics.JsonlWriter(tmp_path / train_metrics.LOG_NAME).write_scalars(2, {"train/loss": 1.0})
+  assert train_metrics.logged_loss_curve(tmp_path)["train_loss_last"] == 1.0
+
+
+def test_replace_export_on_gcs_never_renames_and_never_mixes_two_exports(fake_gcs, monkeypatch):
+  # Orbax's tensorstore cannot write to the fake bucket: the export's params are a JSON file here,
+  # written through the same committed directory (`model.json` last) as `params_store`.
+  def save_export(directory, params, meta):
+    with multihost.committed_directory(directory, "model.json", json.dumps(meta)) as d:
+      for name, value in params.items():
+        (d / f"{name}.json").write_text(json.dumps(np.asarray(value).tolist()))
+
+  def load(directory):
+    meta = params_store.load_meta(directory, "model.json", "")
+    return meta, np.asarray(json.loads((directory / "w.json").read_text()))
+
+  monkeypatch.setattr(artifacts, "save_export", save_export)
+  directory = epath.Path("gs://bucket/run/pixel/export")
+  old, new = {"w": np.full((2, 3), 1.0)}, {"w": np.full((2, 3), 2.0)}
+  artifacts.replace_export(directory, old, {"phase": "noisy", "step": 2})
+  artifacts.replace_export(directory, new, {"phase": "noisy", "step": 2})  # same: kept
+  np.testing.assert_array_equal(load(directory)[1], old["w"])
+  # Crash at every write/delete of the replacement: the export is the old one, the new one or
+  # none (never a mix); the rerun writes the new one.
+  k = 0
+  while True:
+    fake_gcs.ops, fake_gcs.crash_at = 0, k
+    try:
+      artifacts.replace_export(directory, new, {"phase": "finetune", "step": 4})
+    except Crash:
+      if params_store.exists(directory, "model.json"):
+        meta, w = load(directory)
+        np.testing.assert_array_equal(w, (old if meta["phase"] == "noisy" else new)["w"])
+      k += 1
+      continue
+    finally:
+      fake_gcs.crash_at = None
+    break
+  assert k >= 3  # marker delete, file delete, new file, new marker: each was a crash point
+  meta, w = load(directory)
+  assert (meta["phase"], meta["step"]) == ("finetune", 4)
+  np.testing.assert_array_equal(w, new["w"])
+  assert fake_gcs.renames == 0
+
+
+def test_share_from_primary_and_sums_in_one_process():
+  value, tree = multihost.share_from_primary("x", lambda: ({"k": 1}, {"a": np.arange(3)}))
+  assert value == {"k": 1}
+  np.testing.assert_array_equal(tree["a"], np.arange(3))
+  np.testing.assert_array_equal(multihost.sum_over_processes(np.asarray([2, 3])), [2, 3])

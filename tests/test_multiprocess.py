@@ -63,6 +63,28 @@ def test_collective_export_saves_and_loads_sharded_params(tmp_path):
   assert (tmp_path / "out" / "export" / "model.json").exists()
 
 
+def test_weights_of_process_zero_reach_every_process_and_exports_are_collective(tmp_path):
+  # convert's pattern (share_from_primary, then a collective save) and pixel's replace_export.
+  result, out = _run(tmp_path, [sys.executable, WORKER, "share_export", str(tmp_path / "out")])
+  assert result.returncode == 0, out
+  assert all(f"OK share_export {i}" in pathlib.Path(result.logs[i]).read_text() for i in range(2))
+
+
+def test_stage_decisions_stats_and_loss_curve_agree_across_processes(tmp_path):
+  (tmp_path / "out").mkdir()
+  result, out = _run(tmp_path, [sys.executable, WORKER, "decisions", str(tmp_path / "out")])
+  assert result.returncode == 0, out
+  assert all(f"OK decisions {i}" in pathlib.Path(result.logs[i]).read_text() for i in range(2))
+
+
+def test_evaluate_gathers_samples_sharded_over_both_processes(tmp_path):
+  result, out = _run(tmp_path, [sys.executable, WORKER, "evaluate_gather"])
+  assert result.returncode == 0, out
+  assert all(
+    f"OK evaluate_gather {i}" in pathlib.Path(result.logs[i]).read_text() for i in range(2)
+  )
+
+
 def test_one_failing_process_stops_the_others_and_shows_its_tail(tmp_path, capsys):
   # Process 1 fails at once; process 0 would run for 10 minutes.
   script = (

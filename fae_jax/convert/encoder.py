@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from fae_jax import encoder_checkpoint
+from fae_jax import encoder_checkpoint, multihost
 from fae_jax.convert import dinov2 as dinov2_convert
 from fae_jax.models.dinov2 import Dinov2, Dinov2Config
 
@@ -243,15 +243,10 @@ def load_source(
   return params, config, meta
 
 
-def convert_encoder(
-  source: str,
-  out_dir: str | os.PathLike,
-  *,
-  variant: str | None = None,
-  num_registers: int = 0,
-  seed: int = 0,
-) -> dict[str, Any]:
-  """Converts `source` into `out_dir`; returns the saved metadata."""
+def load_checked(
+  source: str, *, variant: str | None = None, num_registers: int = 0, seed: int = 0
+) -> tuple[Any, Dinov2Config, dict[str, Any]]:
+  """`(params, config, source meta)` of `source`, checked against `variant` when given."""
   params, config, meta = load_source(
     source, variant=variant, num_registers=num_registers, seed=seed
   )
@@ -263,8 +258,37 @@ def convert_encoder(
         f"{expected.depth}, but {source} holds width {config.width} and depth {config.depth}; "
         "fix the variant or the source."
       )
-  saved = encoder_checkpoint.save_encoder(out_dir, params, config, meta)
+  return params, config, meta
+
+
+def convert_encoder(
+  source: str,
+  out_dir: str | os.PathLike,
+  *,
+  variant: str | None = None,
+  num_registers: int = 0,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Converts `source` into `out_dir`; returns the saved metadata.
+
+  Collective (the save is): every process calls it. Only process 0 reads `source` (it may exist
+  on that host only); the others receive the converted weights from it
+  (`multihost.share_from_primary`).
+  """
+
+  def load():
+    params, config, meta = load_checked(
+      source, variant=variant, num_registers=num_registers, seed=seed
+    )
+    return {"config": config.to_dict(), "meta": meta}, params
+
+  described, params = multihost.share_from_primary(f"convert:{source}", load)
+  config = Dinov2Config.from_dict(described["config"])
+  saved = encoder_checkpoint.save_encoder(out_dir, params, config, described["meta"])
   logging.info(
-    "Converted encoder (%s, %d params) -> %s", meta["format"], saved["num_params"], out_dir
+    "Converted encoder (%s, %d params) -> %s",
+    described["meta"]["format"],
+    saved["num_params"],
+    out_dir,
   )
   return saved

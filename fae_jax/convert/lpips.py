@@ -13,7 +13,8 @@ with one message listing every unused source key, every missing key, every shape
 
 On disk (`convert_lpips_files`): `DIR/params/` (Orbax, float32) and `DIR/lpips.json`
 (`{"model": "lpips_vgg", "version": "0.1", "source": {...sha256...}, "num_params": ...}`),
-written under a temporary name and renamed when complete. `load_lpips(DIR)` reads it back
+written by `fae_jax.params_store` (`lpips.json` is the commit marker, written last; nothing is
+renamed, so it is atomic on `gs://` too). `load_lpips(DIR)` reads it back
 without torch.
 
 This module imports torch only inside `convert_lpips_files` (to read `.pth` files).

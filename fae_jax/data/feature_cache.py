@@ -10,7 +10,10 @@ per-channel statistics in `latents/stats.json`.
 
 The writer (`write_image_cache`) is multi-host: shard `i` belongs to process
 `i % process_count`, and each process computes its own shards on its local devices (no
-cross-host communication); hosts meet at a barrier before process 0 writes the manifest.
+cross-host communication); hosts meet at a barrier before process 0 writes the manifest, and
+again after it (no host reads the cache before its manifest exists). Each process logs the shards
+and example ids it owns (`<what> <split>: process p of P owns shards [...]`, then one line per
+shard with the ids it encoded), and the returned counts are summed over hosts.
 Resumable at shard granularity: after a restart, complete shards are skipped and a partial shard
 is rewritten from its start.
 """
@@ -29,9 +32,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from fae_jax import sharding
+from fae_jax import multihost, sharding
 from fae_jax.data import array_cache, pipeline, sources
 from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
 
@@ -198,7 +200,18 @@ def write_image_cache(
   fn = jax.jit(compute_fn, in_shardings=(sharding.replicated(mesh), batch), out_shardings=batch)
   params = jax.device_put(params, sharding.replicated(mesh))
   pending = writer.pending_shards()
+  owned = range(writer.process_index, writer.num_shards, writer.process_count)
   todo = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in pending)
+  logging.info(
+    "%s %s: process %d of %d owns shards %s (examples %s); %s still to write.",
+    what,
+    split_key,
+    jax.process_index(),
+    jax.process_count(),
+    list(owned),
+    " ".join("[{}, {})".format(*writer.shard_range(s)) for s in owned),
+    list(pending),
+  )
   logging.info(
     "%s %s (%s): %d examples in %d shards, %d shards (%d examples) to do on this process.",
     what,
@@ -225,9 +238,13 @@ def write_image_cache(
       process_count=1,
       source=source,
     )
+    ids = []
     with writer.open_shard(shard) as out:
       for records in ds:
-        outputs = jax.device_get(fn(params, records["image"]))
+        # A local-mesh sharding: fine for host data with any process count (jit refuses numpy
+        # with a non-trivial sharding once there are several processes).
+        images = jax.device_put(np.asarray(records["image"]), batch)
+        outputs = jax.device_get(fn(params, images))
         keep = records["id"] >= 0  # drops padding past the shard's end
         valid = np.asarray(records["valid"])[keep]
         num_invalid += int((~valid).sum())
@@ -236,7 +253,18 @@ def write_image_cache(
         row["id"] = np.asarray(records["id"], np.int64)[keep]
         row["valid"] = valid.astype(np.uint8)
         out.write(row)
+        ids.append(row["id"])
         progress.update(int(keep.sum()))
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    logging.info(
+      "%s %s: process %d wrote shard %d: %d examples, ids %s",
+      what,
+      split_key,
+      jax.process_index(),
+      shard,
+      len(ids),
+      _ranges(ids),
+    )
   if num_invalid:
     logging.warning(
       "%s %s: %d image(s) could not be decoded; cached with valid=0 and skipped by readers.",
@@ -244,18 +272,37 @@ def write_image_cache(
       split_key,
       num_invalid,
     )
-  multihost_utils.sync_global_devices(f"fae_jax:{what}:{split_key}")
-  writer.finalize()
+  multihost.barrier(f"{what}:{split_key}:written")
+  writer.finalize()  # process 0: the manifest
+  multihost.barrier(f"{what}:{split_key}:finalized")
   rate = progress.rate()
   logging.info(
-    "%s %s: done, %d examples this run at %.1f examples/s -> %s",
+    "%s %s: done, %d examples this run on this process at %.1f examples/s -> %s",
     what,
     split_key,
     progress.done,
     rate,
     directory,
   )
-  return {"num_examples": total, "encoded": progress.done, "rate": rate, "invalid": num_invalid}
+  # Hosts encode in parallel: the job's counts and rate are the sums over hosts.
+  encoded, rate, num_invalid = multihost.sum_over_processes(
+    np.asarray([progress.done, rate, num_invalid], np.float64)
+  )
+  return {
+    "num_examples": total,
+    "encoded": int(encoded),
+    "rate": float(rate),
+    "invalid": int(num_invalid),
+  }
+
+
+def _ranges(ids: np.ndarray) -> str:
+  """Sorted ids as contiguous ranges: [0, 1, 2, 5] -> '[0, 3) [5, 6)'."""
+  ids = np.sort(np.asarray(ids, np.int64))
+  if not len(ids):
+    return "none"
+  cuts = np.nonzero(np.diff(ids) != 1)[0] + 1
+  return " ".join(f"[{r[0]}, {r[-1] + 1})" for r in np.split(ids, cuts))
 
 
 def encode_split(

@@ -46,6 +46,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from fae_jax.data import array_cache
@@ -260,6 +261,9 @@ def make_dataset(
     ds = ds.random_map(_RandomFlip(), seed=_derive_seed(seed, _FLIP_STREAM, stream))
   if split_mode == "global":
     ds = _ProcessRows(ds, batch_size, process_index, process_count)
+  _log_ownership(
+    f"images {split}", split_mode, process_index, process_count, batch_size, end - start
+  )
   # Corrupt records are None from here on; to_iter_dataset drops them (the source logs them).
   iter_ds = ds.to_iter_dataset(_read_options(data_config))
   iter_ds = iter_ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -408,6 +412,41 @@ def _is_valid(record: dict[str, Any]) -> bool:
   return bool(record.get("valid", 1))
 
 
+def _log_ownership(
+  what: str,
+  split_mode: str,
+  process_index: int,
+  process_count: int,
+  batch_size: int,
+  num_examples: int,
+  shards: list[int] | None = None,
+) -> None:
+  """Logs which part of the training data this process reads (per-host data ownership)."""
+  if split_mode == "global":
+    logging.info(
+      "data %s: process %d of %d reads rows [%d, %d) of each global batch of %d from one "
+      "seeded stream over %d examples (process_split='global').",
+      what,
+      process_index,
+      process_count,
+      process_index * batch_size,
+      (process_index + 1) * batch_size,
+      batch_size * process_count,
+      num_examples,
+    )
+  else:
+    logging.info(
+      "data %s: process %d of %d reads %s (%d examples; process_split='shard').",
+      what,
+      process_index,
+      process_count,
+      f"shard files {shards}"
+      if shards is not None
+      else f"examples {process_index}::{process_count}",
+      num_examples,
+    )
+
+
 def make_cache_dataset(
   source: Any,
   *,
@@ -434,6 +473,17 @@ def make_cache_dataset(
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   process_index, process_count = _process_defaults(process_index, process_count)
   split_mode = process_split(data_config)
+  _log_ownership(
+    f"cache {getattr(source, 'directory', type(source).__name__)}",
+    split_mode,
+    process_index,
+    process_count,
+    batch_size,
+    len(source),
+    shards=array_cache.owned_shards(source, process_index, process_count)
+    if split_mode == "shard" and process_count > 1
+    else None,
+  )
   if split_mode == "shard" and process_count > 1:
     source = source.subset(array_cache.owned_shards(source, process_index, process_count))
   if len(source) < (process_count if split_mode == "global" else 1):

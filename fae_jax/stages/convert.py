@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import jax
 from absl import logging
-from jax.experimental import multihost_utils
 
 from fae_jax import encoder_checkpoint
 from fae_jax.stages.context import StageContext
@@ -35,16 +33,14 @@ def run(ctx: StageContext) -> dict:
   from fae_jax.convert.encoder import convert_encoder
 
   enc = ctx.config.encoder
-  if jax.process_index() == 0:
-    meta = convert_encoder(
-      enc.source,
-      ctx.encoder_dir,
-      variant=enc.variant,
-      num_registers=enc.num_registers,
-      seed=ctx.config.seed,
-    )
-  multihost_utils.sync_global_devices("fae_jax:convert")
-  meta = encoder_checkpoint.load_metadata(ctx.encoder_dir)
+  # Collective: process 0 reads the source, every process takes part in the save.
+  meta = convert_encoder(
+    enc.source,
+    ctx.encoder_dir,
+    variant=enc.variant,
+    num_registers=enc.num_registers,
+    seed=ctx.config.seed,
+  )
   if meta["source"].get("random"):
     logging.warning("The encoder has RANDOM weights (config.encoder.source='random').")
   return {

@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from fae_jax import artifacts, encoder_checkpoint, sharding
+from fae_jax import artifacts, encoder_checkpoint, multihost, sharding
 from fae_jax import report as report_lib
 from fae_jax.autoencoder import Autoencoder
 from fae_jax.data import feature_cache, pipeline, sources
@@ -100,7 +100,7 @@ def generate_images(
     if n < batch_size:  # one compiled shape
       y = np.concatenate([y, np.zeros(batch_size - n, np.int32)])
     z = sample_fn(jax.random.fold_in(rng, i), jnp.asarray(y))
-    z = np.asarray(z) * stats["std"] + stats["mean"]
+    z = multihost.gather(z) * stats["std"] + stats["mean"]  # sharded over every host's devices
     out.append(np.asarray(ae.decode(z))[:n])
   return np.concatenate(out)
 
@@ -122,7 +122,9 @@ def real_pooled_features(
   """Pooled features and labels of real images (the feature cache when it is there)."""
   xs, ys = [], []
   cache = feature_cache.cache_dir(ctx.upstream, split_key)
-  use_cache = ctx.config.fae.input == "cache" and (cache / "manifest.json").exists()
+  use_cache = ctx.config.fae.input == "cache" and multihost.decide_once(
+    f"evaluate:cache:{split_key}", lambda: (cache / "manifest.json").exists()
+  )
   if use_cache:
     encoder = (None, ae.spec, encoder_checkpoint.load_metadata(ctx.encoder_dir))
     for x, y in feature_cache.feature_batches(
@@ -334,7 +336,8 @@ def run(ctx: StageContext) -> dict:
         grids.upscale_nearest(images[pick], int(ev.grid_upscale)), cols=per_class
       )
       path = out_dir / f"{generator}_{name}.png"
-      grids.save_png(path, grid)
+      if multihost.is_primary():  # one writer per file
+        grids.save_png(path, grid)
       grids.write_grid_to_tensorboard(writer, 0, f"{generator}/{name}", grid)
       res[f"grid_png_{name}"] = str(path)
     res["grid_png"] = res.get("grid_png_guided", res.get("grid_png_unguided"))
@@ -342,7 +345,7 @@ def run(ctx: StageContext) -> dict:
     res["samplers"] = samplers
     metrics[generator] = res
   writer.close()
-  if jax.process_index() == 0:
+  if multihost.is_primary():
     write_json_atomic(out_dir / METRICS, metrics)
     for section, values in metrics.items():
       report_lib.update_report(ctx.workdir, section, values)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fae_jax import artifacts, sharding
+from fae_jax import artifacts, multihost, sharding
 from fae_jax.data import feature_cache, pipeline
 from fae_jax.evaluation import features as feature_metrics
 from fae_jax.evaluation import linear_probe
@@ -218,7 +218,8 @@ def run(ctx: StageContext) -> dict:
   train_seconds = time.time() - t0
   final = state.final_params()
   export_dir = artifacts.export_dir(ctx.workdir, NAME)
-  if jax.process_index() == 0 and not artifacts.export_exists(export_dir):
+  # Collective save; one decision whether it is already there (a resumed run).
+  if not multihost.decide_once("fae:export-exists", lambda: artifacts.export_exists(export_dir)):
     artifacts.save_export(
       export_dir,
       final,
@@ -231,7 +232,8 @@ def run(ctx: StageContext) -> dict:
       },
     )
   logging.info("fae: evaluating the final model (reconstruction and linear probes)")
-  results = evaluate(ctx, model, jax.device_get(final), encoder, probe=True)
+  # The params are sharded over every host's devices: gather them (every host evaluates alike).
+  results = evaluate(ctx, model, multihost.gather(final), encoder, probe=True)
   results.update(
     {
       "steps": int(state.step),
@@ -244,7 +246,7 @@ def run(ctx: StageContext) -> dict:
     }
   )
   results.update(train_metrics.logged_loss_curve(ctx.stage_dir(NAME)))
-  if jax.process_index() == 0:
+  if multihost.is_primary():
     write_json_atomic(ctx.stage_dir(NAME) / RESULTS, results)
   logging.info("fae results: %s", json.dumps(results, sort_keys=True))
   return results

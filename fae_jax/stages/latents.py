@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from fae_jax import artifacts
+from fae_jax import artifacts, multihost
 from fae_jax.data import array_cache, feature_cache
 from fae_jax.fileio import write_json_atomic
 from fae_jax.models import fae as fae_model
@@ -101,6 +100,12 @@ def write_from_feature_cache(
   )
   bs = int(ctx.config.encode.batch_size)
   done = 0
+  logging.info(
+    "latents train: process %d of %d owns shards %s of the feature cache (same shards here).",
+    jax.process_index(),
+    jax.process_count(),
+    list(range(writer.process_index, writer.num_shards, writer.process_count)),
+  )
   for shard in writer.pending_shards():
     start, end = writer.shard_range(shard)
     with writer.open_shard(shard) as out:
@@ -119,9 +124,10 @@ def write_from_feature_cache(
           }
         )
         done += n
-  multihost_utils.sync_global_devices("fae_jax:latents:train")
-  writer.finalize()
-  return {"num_examples": len(features), "encoded": done}
+  multihost.barrier("latents:train:written")
+  writer.finalize()  # process 0: the manifest
+  multihost.barrier("latents:train:finalized")
+  return {"num_examples": len(features), "encoded": int(multihost.sum_over_processes(done)[0])}
 
 
 def channel_stats(source: Any, batch_size: int = 256) -> dict[str, list[float]]:
@@ -173,7 +179,11 @@ def run(ctx: StageContext) -> dict:
     "flip": flip,
   }
   features_dir = feature_cache.cache_dir(ctx.upstream, "train")
-  if not flip and array_cache.is_complete(features_dir):
+  # One decision: a host that does not (yet) see the feature cache must not take the other path.
+  from_features = not flip and multihost.decide_once(
+    "latents:from-features", lambda: array_cache.is_complete(features_dir)
+  )
+  if from_features:
     features = array_cache.CacheSource(
       features_dir, expected_metadata=feature_cache.cache_metadata(ctx.config, enc_meta, "train")
     )
@@ -181,6 +191,7 @@ def run(ctx: StageContext) -> dict:
     metadata["source"] = "feature_cache"
     t0 = time.time()
     result = write_from_feature_cache(ctx, features, fcfg, fae_params, metadata)
+    # Hosts run in parallel: the job's rate is the summed count over the (shared) wall time.
     result["rate"] = result["encoded"] / max(time.time() - t0, 1e-9)
   else:
     result = feature_cache.write_image_cache(
@@ -193,9 +204,14 @@ def run(ctx: StageContext) -> dict:
       params=(enc_params, fae_params),
       what=NAME,
     )
-  stats = channel_stats(feature_cache.latent_source(ctx.workdir))
-  if jax.process_index() == 0:
+  # Process 0 scans the cache once; every host gets its numbers. The file is written before
+  # any host goes on (the next stage's `load_latent_stats` reads it on every host).
+  stats = multihost.decide_once(
+    "latents:stats", lambda: channel_stats(feature_cache.latent_source(ctx.workdir))
+  )
+  if multihost.is_primary():
     write_json_atomic(feature_cache.latent_stats_path(ctx.workdir), stats)
+  multihost.barrier("latents:stats-written")
   logging.info(
     "latents: per-channel mean %s, std %s",
     np.round(stats["mean"], 3).tolist(),

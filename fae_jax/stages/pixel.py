@@ -52,7 +52,7 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
-from fae_jax import artifacts, inference, sharding
+from fae_jax import artifacts, inference, multihost, sharding
 from fae_jax.convert import lpips as lpips_convert
 from fae_jax.data import feature_cache, paired_cache, pipeline, sources
 from fae_jax.evaluation import grids, reconstruction
@@ -242,8 +242,7 @@ class _Run:
     return params
 
   def export(self, directory: epath.Path, decoder_params: Any, state, phase: str) -> None:
-    if jax.process_index() != 0:
-      return
+    """Collective (every process calls it; the save is)."""
     config = self.ctx.config
     meta = {
       "model": "pixel_decoder",
@@ -358,7 +357,7 @@ def _train_phase(r: _Run, phase: str, previous: tuple[Any, dict[str, Any]] | Non
         config,
         r.fns,
         encoder_params=r.encoder_params,
-        paths={kind: (kind, jax.device_get(params["decoder"]))},
+        paths={kind: (kind, multihost.gather(params["decoder"]))},
         fae_params=fae_params,
       )
       return metrics
@@ -421,7 +420,7 @@ def run(ctx: StageContext) -> dict:
     if "disc" in state.params:
       start["disc"] = state.params["disc"]
     previous = (start, {"phase": phase, "step": int(state.step), "decoder_weights": weights})
-    finals[phase] = jax.device_get(final["decoder"])
+    finals[phase] = multihost.gather(final["decoder"])  # sharded over every host's devices
     if phase == "noisy":
       r.export(r.stage_dir / artifacts.PIXEL_EXPORT_NOISY, finals[phase], state, phase)
     if phase == "finetune" or int(p.finetune.train.num_steps) <= 0:  # the final decoder
@@ -453,7 +452,7 @@ def run(ctx: StageContext) -> dict:
     results["psnr_full_minus_noisy_features"] = (
       metrics["psnr_full"] - metrics["psnr_noisy_features"]
     )
-  if jax.process_index() == 0 and pairs:
+  if multihost.is_primary() and pairs:
     total_steps = sum(results.get(f"steps_{phase}", 0) for phase in PHASES)
     scalars = {k: v for k, v in metrics.items() if k != "eval_examples"}
     results.update(_write_grids(r, pairs, total_steps, scalars))
@@ -471,7 +470,7 @@ def run(ctx: StageContext) -> dict:
   )
   if "noisy" in finals:
     results["export_noisy"] = str(r.stage_dir / artifacts.PIXEL_EXPORT_NOISY)
-  if jax.process_index() == 0:
+  if multihost.is_primary():
     write_json_atomic(r.stage_dir / RESULTS, results)
   logging.info("pixel results: %s", json.dumps(results, sort_keys=True))
   return results

@@ -22,7 +22,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from fae_jax import artifacts, sharding
+from fae_jax import artifacts, multihost, sharding
 from fae_jax.data import feature_cache, pipeline, sources
 from fae_jax.train import loop
 from fae_jax.train import metrics as train_metrics
@@ -107,7 +107,11 @@ def train_and_export(
   seconds = time.time() - t0
   final = state.final_params()
   export_dir = artifacts.export_dir(workdir, stage)
-  if jax.process_index() == 0 and not artifacts.export_exists(export_dir):
+  # Collective save; one decision whether it is already there (a resumed run).
+  exists = multihost.decide_once(
+    f"{stage}:export-exists", lambda: artifacts.export_exists(export_dir)
+  )
+  if not exists:
     artifacts.save_export(
       export_dir,
       final,

@@ -30,11 +30,19 @@ excludes the first step (compilation), evaluations and checkpoint saves.
 The host checks each step's loss one step late (after dispatching the next step), so the device
 always has work queued; a non-finite loss raises `FloatingPointError` naming the step before any
 checkpoint of the broken state is written.
+
+Fault injection (the multi-host restart test): with `FAE_JAX_KILL_AT=<stage>:<step>:<process>` in
+the environment, every process waits after step `<step>` of `<stage>` until its checkpoints are
+written, the processes meet at a barrier, and process `<process>` kills itself with SIGKILL,
+like a host lost in the middle of training.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,6 +57,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.sharding import Mesh
 
+from fae_jax import multihost
 from fae_jax import sharding as sharding_lib
 from fae_jax.train import checkpoint as ckpt_lib
 from fae_jax.train import metrics as metrics_lib
@@ -252,6 +261,29 @@ def _closing(writer: metric_writers.MetricWriter):
     yield writer
   finally:
     writer.close()
+
+
+KILL_AT_ENV = "FAE_JAX_KILL_AT"
+
+
+def _maybe_kill(stage: str, step: int, ckpt: ckpt_lib.Checkpointer) -> None:
+  """The fault-injection hook of the module doc (a no-op unless `FAE_JAX_KILL_AT` is set)."""
+  spec = os.environ.get(KILL_AT_ENV)
+  if not spec:
+    return
+  kill_stage, kill_step, kill_process = spec.rsplit(":", 2)
+  if (kill_stage, int(kill_step)) != (stage, step):
+    return
+  ckpt.wait()  # every checkpoint so far is complete before anyone dies
+  multihost.barrier(f"kill-at:{stage}:{step}")
+  if jax.process_index() == int(kill_process):
+    logging.warning(
+      "%s: %s=%s: killing process %d now.", stage, KILL_AT_ENV, spec, int(kill_process)
+    )
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _format_metrics(metrics: Mapping[str, Any]) -> str:
@@ -531,6 +563,7 @@ def _run(
         check_pending()
         ckpt.save(step, state, data_iter, saved_config, force=step == num_steps or preempted)
         reset_timer()
+      _maybe_kill(stage, step, ckpt)
       if preempted:
         ckpt.wait()
         writer.flush()

@@ -364,6 +364,26 @@ def sample_shard_fn(
   return make
 
 
+def add_inception(
+  directory: epath.Path,
+  n: int,
+  shard_size: int,
+  inception: Callable[[np.ndarray], dict[str, np.ndarray]],
+  batch_size: int,
+) -> None:
+  """Adds the Inception activations to this process's shards that lack them (samples made
+  before `config.evaluate.inception_dir` was set are scored without being drawn again)."""
+  for j in sample_shards.process_shards(n, shard_size, jax.process_index(), jax.process_count()):
+    path = sample_shards.shard_path(directory, j)
+    data = sample_shards.read_shard(path)
+    if all(k in data for k in INCEPTION_KEYS):
+      continue
+    images = data[adm_npz.IMAGES_KEY]
+    parts = [inception(b[:k]) for b, k in _padded_batches(images, batch_size)]
+    data.update({k: np.concatenate([p[k] for p in parts]) for k in INCEPTION_KEYS})
+    sample_shards.write_shard(path, data)
+
+
 def noisy_decoder_params(ctx: StageContext, ae: Autoencoder) -> Any | None:
   """The phase-`noisy` pixel decoder (this run's, else the upstream run's), or None."""
   for root in (ctx.workdir, ctx.upstream):
@@ -572,7 +592,6 @@ def run(ctx: StageContext) -> dict:
           "shard_size": shard_size,
           "batch_size": bs,
           "seed": int(config.seed),
-          "inception": bool(with_inception),
         },
       )
       logging.info("evaluate: %s %s %s samples (%s)", n, generator, which, name)
@@ -586,6 +605,8 @@ def run(ctx: StageContext) -> dict:
         inception if with_inception else None,
       )
       sample_shards.fill_shards(directory, n, shard_size, make, name=f"evaluate {generator} {key}")
+      if with_inception:  # shards written before `inception_dir` was set get them now
+        add_inception(directory, n, shard_size, inception, bs)
       multihost.barrier(f"evaluate-samples:{generator}_{key}")
       keys = [adm_npz.LABELS_KEY, "dinov2", *(INCEPTION_KEYS if with_inception else ())]
       got = sample_shards.read_shards(directory, n, shard_size, keys)

@@ -526,6 +526,11 @@ def run(ctx: StageContext) -> dict:
       f"config.evaluate.generators: unknown generator(s) {unknown}; choose from "
       f"{tuple(GENERATORS)}."
     )
+  if ev.inception_dir and not ev.reference_npz:  # before any work
+    raise ValueError(
+      "config.evaluate.inception_dir is set but config.evaluate.reference_npz is empty: give "
+      "the ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) to compute FID against."
+    )
   ae = Autoencoder.load(ctx.workdir, encoder_dir=ctx.encoder_dir)
   num_classes = sources.num_classes(config.data)
   n = int(ev.num_samples)
@@ -560,11 +565,6 @@ def run(ctx: StageContext) -> dict:
 
   inception = reference = None
   if ev.inception_dir:
-    if not ev.reference_npz:
-      raise ValueError(
-        "config.evaluate.inception_dir is set but config.evaluate.reference_npz is empty: give "
-        "the ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) to compute FID against."
-      )
     params, _ = load_inception(ev.inception_dir)
     inception = inception_features.inception_feature_fn(params, bs)
     logging.info("evaluate: Inception activations of the reference %s", ev.reference_npz)

@@ -259,6 +259,14 @@ def base_config() -> ml_collections.ConfigDict:
   e.probe_steps = 500
   e.grid_per_class = 8
   e.grid_upscale = 1
+  # Samples (and held-out images) per resumable shard, eval/<generator>_<setting>/samples-*.npz;
+  # shard j is made by process j % process_count.
+  e.samples_per_shard = 1000
+  # FID, sFID, IS, precision/recall of the ADM evaluator: the converted FID Inception
+  # (`python -m fae_jax.convert inception`) and the ADM reference batch (e.g.
+  # VIRTUAL_imagenet256_labeled.npz); '' = FD-DINOv2 and DINOv2 precision/recall only.
+  e.inception_dir = ""
+  e.reference_npz = ""
   e.unguided = ml_collections.ConfigDict()
   e.unguided.method = "euler_maruyama"
   e.unguided.num_steps = 250

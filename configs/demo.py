@@ -147,6 +147,7 @@ def get_config(arg: str | None = None):
   e.unguided.num_steps = 25
   e.guided.num_steps = 25
   e.generators = ("diffusion", "flow")
+  e.samples_per_shard = 250
 
   if args.tiny:
     config.data.max_train_examples = 192
@@ -179,6 +180,7 @@ def get_config(arg: str | None = None):
     t = config.flow.train
     t.num_steps, t.batch_size, t.warmup_steps, t.log_every, t.checkpoint_every = 4, 16, 1, 2, 2
     e.num_samples, e.batch_size, e.probe_train_examples = 40, 40, 64
+    e.samples_per_shard = 40
     e.unguided.num_steps = e.guided.num_steps = 4
   common.apply_stage_preset(config, args.stage)
   return config

@@ -174,6 +174,20 @@ class Autoencoder:
       raise ValueError(f"Autoencoder.decode expects latents [B, {h}, {w}, {c}], got {z.shape}.")
     return self._fns.decode(self._params["fae"], self._params["decoder"], z)
 
+  def encode_features(self, features: Any) -> jax.Array:
+    """Frozen-encoder features `[B, N, D]` -> latents `[B, h, w, c]` (posterior mean)."""
+    return self._fns.encode(self._params["fae"], jnp.asarray(features, jnp.float32))
+
+  def decode_features(self, features: Any, decoder_params: Any = None) -> jax.Array:
+    """The pixel decoder on features `[B, N, D]` (no FAE) -> uint8 `[B, H, W, 3]`.
+
+    `decoder_params`: weights of the same architecture to use instead of this decoder's, e.g.
+    the phase-`noisy` export (`pixel/export_noisy`): the noisy-feature path of the `pixel`
+    stage's evaluation (that decoder on clean encoder features).
+    """
+    params = self._params["decoder"] if decoder_params is None else decoder_params
+    return self._fns.decode_features(params, jnp.asarray(features, jnp.float32))
+
   def reconstruct(self, images: Any) -> jax.Array:
     """`decode(encode(images))`: uint8 `[B, H, W, 3]`."""
     return self.decode(self.encode(images))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 from absl import app, flags, logging
 from etils import epath
@@ -38,6 +37,8 @@ _BLOCK = flags.DEFINE_integer(
 )
 
 ROWS = ("Inception Score", "FID", "sFID", "Precision", "Recall")
+# `generative.adm_metrics` keys of the rows.
+METRIC_KEYS = ("inception_score", "fid", "sfid", "precision", "recall")
 
 
 def evaluate_batches(
@@ -60,44 +61,27 @@ def evaluate_batches(
   from fae_jax.convert.inception import load_inception
   from fae_jax.evaluation.inception_features import inception_feature_fn
 
+  sample_shape = adm_npz.image_shape(samples)  # fails early, naming arr_0, if absent
   ref_keys = set(adm_npz.keys(ref))
-  has_stats = set(adm_npz.STATS_KEYS) <= ref_keys
-  has_images = adm_npz.IMAGES_KEY in ref_keys
-  if not (has_stats or has_images):
-    raise KeyError(
+  if not (set(adm_npz.STATS_KEYS) <= ref_keys or adm_npz.IMAGES_KEY in ref_keys):
+    raise KeyError(  # before the Inception loads
       f"--ref={ref} has neither the statistics {list(adm_npz.STATS_KEYS)} nor images "
       f"'{adm_npz.IMAGES_KEY}' (it has {sorted(ref_keys)}); pass an ADM reference batch."
     )
-  sample_shape = adm_npz.image_shape(samples)  # fails early, naming arr_0, if absent
 
   params, _ = load_inception(inception_dir)
   features = inception_feature_fn(params, batch_size)
-
-  def activations(path, shape):
-    start = time.time()
-    acts = adm_npz.batch_activations(path, features, batch_size)
-    logging.info("Inception over %s %s: %.1f s", path, shape, time.time() - start)
-    return acts
-
-  sample_acts = activations(samples, sample_shape)
-  ref_acts = activations(ref, adm_npz.image_shape(ref)) if has_images else None
-  sample_stats = adm_npz.reference_stats_from_activations(sample_acts)
-  ref_stats = (
-    adm_npz.read_reference(ref) if has_stats else adm_npz.reference_stats_from_activations(ref_acts)
+  start = time.time()
+  sample_acts = adm_npz.batch_activations(samples, features, batch_size)
+  logging.info("Inception over %s %s: %.1f s", samples, sample_shape, time.time() - start)
+  ref_stats, ref_acts = adm_npz.load_reference(ref, features, batch_size)
+  metrics = generative.adm_metrics(
+    sample_acts,
+    ref_stats,
+    None if ref_acts is None else ref_acts["pool3"],
+    block_size=block_size,
   )
-  table: dict[str, Any] = {
-    "Inception Score": generative.inception_score(sample_acts["logits_unbiased"]),
-    "FID": generative.fid(sample_stats.pool, ref_stats.pool),
-    "sFID": generative.fid(sample_stats.spatial, ref_stats.spatial),
-    "Precision": None,
-    "Recall": None,
-  }
-  if ref_acts is not None:
-    precision, recall = generative.precision_recall(
-      ref_acts["pool3"], sample_acts["pool3"], block_size=block_size
-    )
-    table["Precision"], table["Recall"] = precision, recall
-  return table
+  return {row: metrics[key] for row, key in zip(ROWS, METRIC_KEYS, strict=True)}
 
 
 def format_table(table: dict[str, float | None]) -> str:

@@ -58,28 +58,86 @@ _SUMMARY_LINES = (
   ("pixel", "psnr_noisy_features", "pixel: PSNR, noisy-feature path (dB)", "{:.2f}"),
   ("pixel", "rfd_dinov2", "pixel: rFD-DINOv2, full path", "{:.2f}"),
   ("pixel", "grid_png", "pixel: reconstruction grid", "{}"),
-  ("real", "fd_dinov2_floor", "real: FD-DINOv2 floor (train vs held-out)", "{:.2f}"),
 )
 _GENERATOR_LINES = (
-  ("fd_dinov2_guided", "FD-DINOv2, guided", "{:.2f}"),
-  ("fd_dinov2_unguided", "FD-DINOv2, unguided", "{:.2f}"),
   ("fd_dinov2_untrained", "FD-DINOv2, untrained generator", "{:.2f}"),
-  ("class_consistency_guided", "class consistency, guided", "{:.3f}"),
-  ("class_consistency_unguided", "class consistency, unguided", "{:.3f}"),
   ("bits_per_dim", "bits/dim (final train window)", "{:.3f}"),
   ("grid_png_guided", "sample grid, guided", "{}"),
   ("grid_png_unguided", "sample grid, unguided", "{}"),
 )
 
 
+_GENERATORS = ("diffusion", "flow")
+# The quality table's columns: (header, key prefix, format); a row's key is the prefix plus its
+# suffix (e.g. `fd_dinov2` + `_guided`). Columns no row has are left out.
+_QUALITY_COLUMNS = (
+  ("FD-DINOv2", "fd_dinov2", "{:.2f}"),
+  ("class cons.", "class_consistency", "{:.3f}"),
+  ("prec. DINOv2", "precision_dinov2", "{:.3f}"),
+  ("recall DINOv2", "recall_dinov2", "{:.3f}"),
+  ("FID", "fid", "{:.2f}"),
+  ("sFID", "sfid", "{:.2f}"),
+  ("IS", "inception_score", "{:.1f}"),
+  ("precision", "precision", "{:.3f}"),
+  ("recall", "recall", "{:.3f}"),
+)
+
+
+def quality_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+  """`(row label, {column prefix: value})` from the real floor through the reconstructions to
+  each generator (the `evaluate` stage's sections, all on the same held-out images)."""
+  rows = []
+  real = report.get("real", {})
+  if real:
+    floor = {"fd_dinov2": real.get("fd_dinov2_floor")}
+    floor["class_consistency"] = real.get("probe_top1_eval")
+    rows.append(("real images (floor; train vs held-out)", floor))
+  recon = report.get("recon", {})
+  for suffix, label in (("_noisy", "noisy-feature path"), ("", "full path")):
+    values = {p: recon.get(p + suffix) for _, p, _ in _QUALITY_COLUMNS}
+    if any(v is not None for v in values.values()):
+      rows.append((f"reconstructions, {label}", values))
+  for generator in _GENERATORS:
+    section = report.get(generator, {})
+    for setting in ("unguided", "guided"):
+      values = {p: section.get(f"{p}_{setting}") for _, p, _ in _QUALITY_COLUMNS}
+      if any(v is not None for v in values.values()):
+        rows.append((f"{generator}, {setting}", values))
+  return rows
+
+
+def quality_table(report: dict[str, Any]) -> str:
+  """The quality rows as one aligned table ('' when the report has none)."""
+  rows = quality_rows(report)
+  if not rows:
+    return ""
+  columns = [c for c in _QUALITY_COLUMNS if any(v.get(c[1]) is not None for _, v in rows)]
+  cells = [["", *(h for h, _, _ in columns)]]
+  for label, values in rows:
+    cells.append(
+      [label, *("-" if values.get(p) is None else fmt.format(values[p]) for _, p, fmt in columns)]
+    )
+  widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+  lines = [
+    "  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))])
+    for r in cells
+  ]
+  real = report.get("real", {})
+  note = "Quality, stage by stage, against the same held-out images"
+  if "num_samples" in real:
+    note += f" ({real['num_samples']})"
+  return "\n".join([note + ":", *lines])
+
+
 def summary(report: dict[str, Any]) -> str:
-  """A short human-readable summary of a report: headline numbers, grids and stage times."""
+  """A short human-readable summary of a report: headline numbers, grids, the quality table
+  (floor -> reconstructions -> generators) and stage times."""
   rows = [
     (label, fmt.format(report[s][k]))
     for s, k, label, fmt in _SUMMARY_LINES
     if k in report.get(s, {})
   ]
-  for generator in ("diffusion", "flow"):
+  for generator in _GENERATORS:
     section = report.get(generator, {})
     rows += [
       (f"{generator}: {label}", fmt.format(section[k]))
@@ -94,4 +152,9 @@ def summary(report: dict[str, Any]) -> str:
     rows += [(f"time: {name} (s)", f"{times[name]:.0f}") for name in order]
     rows.append(("time: all stages (s)", f"{sum(times.values()):.0f}"))
   width = max((len(label) for label, _ in rows), default=0)
-  return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
+  lines = [f"  {label:<{width}}  {value}" for label, value in rows]
+  table = quality_table(report)
+  if table:
+    at = next((i for i, (label, _) in enumerate(rows) if label.startswith("time:")), len(rows))
+    lines[at:at] = ["", *(f"  {line}" for line in table.splitlines()), ""]
+  return "\n".join(lines)

@@ -96,6 +96,7 @@ def make_tiny_generation_config():
   e.generators = ("diffusion",)  # the demo also evaluates the flow (tests/test_flow_stage.py)
   e.num_samples, e.batch_size, e.probe_train_examples, e.probe_steps = 8, 8, 16, 10
   e.grid_per_class = 2
+  e.samples_per_shard = 4  # two shards per pass
   e.unguided.num_steps = e.guided.num_steps = 3
   return config
 

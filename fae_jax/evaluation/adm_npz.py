@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import os
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from etils import epath
@@ -74,6 +74,50 @@ def write_samples(
       raise ValueError(f"write_samples: labels {labels.shape} do not match {len(images)} images.")
     arrays[LABELS_KEY] = labels
   _write_npz(path, arrays)
+
+
+def write_samples_streamed(
+  path: str | os.PathLike,
+  batches: Iterable[np.ndarray],
+  image_shape: tuple[int, int, int],
+  labels: np.ndarray,
+) -> None:
+  """Writes a sample batch from uint8 image batches, never holding all images in memory.
+
+  The same file as `write_samples(path, concatenate(batches), labels)` (50K images at 256 px
+  are 9.8 GB; this streams them into the archive's `arr_0` one batch at a time). Written under
+  a temporary name and renamed.
+
+  Args:
+    batches: uint8 `[b_i, *image_shape]` arrays whose sizes add up to `len(labels)`.
+    image_shape: `(H, W, 3)`.
+    labels: `[N]`, stored as `arr_1`.
+  """
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  labels = np.asarray(labels)
+  n = len(labels)
+  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+  header["shape"] = (n, *image_shape)
+  tmp = _tmp_path(path)
+  written = 0
+  with tmp.open("wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+    with z.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as arr:
+      np.lib.format.write_array_header_2_0(arr, header)
+      for batch in batches:
+        batch = _check_images(batch, f"write_samples_streamed({path})")
+        if batch.shape[1:] != tuple(image_shape) or written + len(batch) > n:
+          raise ValueError(
+            f"write_samples_streamed({path}): batch {batch.shape} does not fit images "
+            f"{tuple(image_shape)} x {n} (after {written})."
+          )
+        arr.write(np.ascontiguousarray(batch).tobytes())
+        written += len(batch)
+    if written != n:
+      raise ValueError(f"write_samples_streamed({path}): got {written} images for {n} labels.")
+    with z.open(f"{LABELS_KEY}.npy", "w") as arr:
+      np.lib.format.write_array(arr, labels)
+  tmp.replace(path)
 
 
 def write_reference(
@@ -207,3 +251,28 @@ def reference_stats_from_activations(activations: dict[str, np.ndarray]) -> Refe
     acc.update(activations[name])
     stats[name] = acc.finalize()
   return ReferenceStats(pool=stats["pool3"], spatial=stats["spatial"])
+
+
+def load_reference(
+  path: str | os.PathLike, feature_fn: FeatureFn, batch_size: int
+) -> tuple[ReferenceStats, dict[str, np.ndarray] | None]:
+  """A reference batch's statistics and, when it holds images, their activations.
+
+  As the ADM evaluator: the stored `mu`, `sigma`, `mu_s`, `sigma_s` when present, else the
+  statistics of its `arr_0` images. The activations (for precision/recall) are None for a
+  statistics-only file.
+
+  Raises:
+    KeyError: the file has neither statistics nor images.
+  """
+  names = set(keys(path))
+  has_stats = set(STATS_KEYS) <= names
+  has_images = IMAGES_KEY in names
+  if not (has_stats or has_images):
+    raise KeyError(
+      f"Reference {path} has neither the statistics {list(STATS_KEYS)} nor images "
+      f"'{IMAGES_KEY}' (it has {sorted(names)}); pass an ADM reference batch."
+    )
+  acts = batch_activations(path, feature_fn, batch_size) if has_images else None
+  stats = read_reference(path) if has_stats else reference_stats_from_activations(acts)
+  return stats, acts

@@ -307,3 +307,38 @@ def precision_recall(
   real_in = combine_over_processes(real_in, "or")
   fake_in = combine_over_processes(fake_in, "or")
   return float(np.mean(fake_in)), float(np.mean(real_in))
+
+
+def adm_metrics(
+  sample_acts: dict[str, np.ndarray],
+  ref_stats,
+  ref_pool3: np.ndarray | None,
+  *,
+  block_size: int = DEFAULT_BLOCK,
+) -> dict[str, float | None]:
+  """The ADM evaluator's table from Inception activations.
+
+  Args:
+    sample_acts: the samples' `pool3`, `spatial`, `logits_unbiased` (`[N, ...]`).
+    ref_stats: `adm_npz.ReferenceStats` of the reference batch.
+    ref_pool3: the reference images' `pool3` for precision/recall, or None (then both None).
+
+  Returns:
+    `{'inception_score', 'fid', 'sfid', 'precision', 'recall'}`. Collective in a multi-process
+    run (precision/recall): every process calls it with the same activations.
+  """
+  from fae_jax.evaluation import adm_npz
+
+  stats = adm_npz.reference_stats_from_activations(sample_acts)
+  table: dict[str, float | None] = {
+    "inception_score": inception_score(sample_acts["logits_unbiased"]),
+    "fid": fid(stats.pool, ref_stats.pool),
+    "sfid": fid(stats.spatial, ref_stats.spatial),
+    "precision": None,
+    "recall": None,
+  }
+  if ref_pool3 is not None:
+    table["precision"], table["recall"] = precision_recall(
+      ref_pool3, sample_acts["pool3"], block_size=block_size
+    )
+  return table

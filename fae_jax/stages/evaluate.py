@@ -1,26 +1,49 @@
-"""Stage `evaluate`: class-conditional samples from the trained generators, decoded and scored.
+"""Stage `evaluate`: where quality is lost, from real images to generated samples.
 
-For each generator in `config.evaluate.generators` and each guidance setting, it draws
-`num_samples` latents with balanced labels. `diffusion` (the DiT): `unguided` is the sampler of
-`config.evaluate.unguided`, no guidance; `guided` the sampler and bands of
-`config.evaluate.guided`. `flow` (the TarFlow): `unguided` inverts at guidance scale 1, `guided`
-at `config.flow.sample.guidance_scale`, both with `config.flow.sample.temperature` and the
-optional denoising step. Both then share one path: it un-normalises the latents, decodes them
-to images (FAE feature decoder -> pixel decoder, `fae_jax.autoencoder`), writes a PNG grid (one
-row per class) and computes:
+One held-out set (the first `num_samples` images of the eval split) is the reference of every
+number, so the rows of the summary table compare (`real`, `recon`, then each generator):
 
-  * FD-DINOv2: the Frechet distance between the frozen encoder's mean-pooled patch features of
-    the generated images and of the held-out real split (`fae_jax.evaluation.frechet`; square
-    roots by symmetric eigendecomposition in float64). The real-vs-real floor compares the
-    train split with the held-out split at the same sample count; a freshly initialised
-    generator gives the untrained reference.
-  * Class consistency: a linear probe trained on real train-split features classifies the
-    generated images; its accuracy against the conditioning labels (chance = 1 / classes).
+  * `real`: the floor, FD-DINOv2 of the train split vs the held-out set at the same count, and
+    the class-consistency probe's accuracy on the held-out images (`probe_top1_eval`, the
+    ceiling of every class consistency below).
+  * `recon`: the held-out images reconstructed through the full path image -> encoder -> FAE
+    (posterior mean) -> feature decoder -> pixel decoder (`fd_dinov2`, `class_consistency`,
+    `precision_dinov2`, `recall_dinov2`) and through the noisy-feature path, the phase-`noisy`
+    pixel decoder on the clean encoder features as the `pixel` stage evaluates it (the same
+    keys with `_noisy`).
+  * `<generator>`: for each of `config.evaluate.generators` and each guidance setting,
+    `num_samples` class-conditional samples with balanced labels, decoded (FAE feature decoder
+    -> pixel decoder, `fae_jax.autoencoder`): `fd_dinov2_<setting>`, `class_consistency_<...>`,
+    `precision_dinov2_<...>`, `recall_dinov2_<...>`, and with `config.evaluate.inception_dir`
+    the ADM evaluator's table against `config.evaluate.reference_npz`: `fid_<...>`,
+    `sfid_<...>`, `inception_score_<...>`, `precision_<...>`, `recall_<...>` (Inception pool3).
+    A freshly initialised generator gives `fd_dinov2_untrained`.
 
-Real features come from the `encode` stage's caches when present (bfloat16), otherwise the
-frozen encoder runs on the images. Results go to `eval/metrics.json`, the grids to
-`eval/<generator>_<setting>.png` (and TensorBoard), and report.json gets `real.*` and
-`<generator>.*` keys. Complete when `eval/metrics.json` exists.
+Settings. `diffusion` (the DiT): `unguided` is the sampler of `config.evaluate.unguided`, no
+guidance; `guided` the sampler and bands of `config.evaluate.guided`. `flow` (the TarFlow):
+`unguided` inverts at guidance scale 1, `guided` at `config.flow.sample.guidance_scale`, both
+with `config.flow.sample.temperature` and the optional denoising step.
+
+Metrics: FD-DINOv2 is the Frechet distance between the frozen encoder's mean-pooled patch
+features (`fae_jax.evaluation.frechet`, float64); class consistency the accuracy of a linear
+probe trained on real train-split features against the conditioning (or true) labels (chance
+= 1 / classes); improved precision/recall (k = 3, `fae_jax.evaluation.generative`) in the same
+DINOv2 space, so fidelity and coverage show separately.
+
+Sharding and preemption (`fae_jax.evaluation.sample_shards`). Every pass (the held-out images,
+each generator x setting) is cut into shards of `config.evaluate.samples_per_shard`; shard `j`
+is made by process `j % process_count` on its own devices (`sampling_mesh`), with the random key
+`fold_in(key, j)`, and written atomically with its images, labels and features. A restarted
+stage makes only the missing shards: no sample is duplicated or lost. After a barrier every
+process reads all shards' features (metrics are computed identically everywhere; precision and
+recall split their distance blocks over processes), and process 0 gathers the images into one
+ADM sample batch `eval/<generator>_<setting>.npz` (`arr_0` uint8, `arr_1` labels; feed it to
+`python -m fae_jax.fid` or the ADM evaluator) and writes the PNG grid (one row per class).
+
+Outputs: `eval/held_out/`, `eval/<generator>_<setting>/samples-*.npz` (shards + `plan.json`),
+`eval/<generator>_<setting>.npz`, `eval/<generator>_<setting>.png` (and TensorBoard),
+`eval/metrics.json`; report.json gets the `real`, `recon` and `<generator>` sections. Complete
+when `eval/metrics.json` exists.
 """
 
 from __future__ import annotations
@@ -35,12 +58,23 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
+from etils import epath
+from jax.sharding import Mesh
 
 from fae_jax import artifacts, encoder_checkpoint, multihost, sharding
 from fae_jax import report as report_lib
 from fae_jax.autoencoder import Autoencoder
+from fae_jax.convert.inception import load_inception
 from fae_jax.data import feature_cache, pipeline, sources
-from fae_jax.evaluation import frechet, grids, linear_probe
+from fae_jax.evaluation import (
+  adm_npz,
+  frechet,
+  generative,
+  grids,
+  inception_features,
+  linear_probe,
+  sample_shards,
+)
 from fae_jax.fileio import write_json_atomic
 from fae_jax.flow_matching import dit_sampler
 from fae_jax.models import dit as dit_model
@@ -51,6 +85,8 @@ from fae_jax.tarflow import sampler as tarflow_sampler
 NAME = "evaluate"
 OUTPUT = "eval"
 METRICS = "metrics.json"
+HELD_OUT = "held_out"
+INCEPTION_KEYS = inception_features.OUTPUTS
 
 # A generator for evaluation: `(rng, labels [B]) -> normalised latents [B, h, w, c]` given its
 # guidance setting (the latent statistics undo the normalisation).
@@ -198,7 +234,7 @@ def diffusion_runs(ctx: StageContext) -> tuple[list[Run], dict[str, np.ndarray],
   def build(which: str, name: str) -> Callable[[], SampleFn]:
     model, params, _, _ = gens[which]
     return lambda: dit_sampler.make_sample_fn(
-      model, params, shift=shift, setting=settings[name], mesh=ctx.mesh
+      model, params, shift=shift, setting=settings[name], mesh=sampling_mesh()
     )
 
   pairs = [("trained", name) for name in settings] + [("untrained", "unguided")]
@@ -256,7 +292,7 @@ def flow_runs(ctx: StageContext) -> tuple[list[Run], dict[str, np.ndarray], dict
   def build(which: str, name: str) -> Callable[[], SampleFn]:
     def make() -> SampleFn:
       p = params if which == "trained" else fresh()
-      return make_flow_sampler(model, p, setting=settings[name], mesh=ctx.mesh)
+      return make_flow_sampler(model, p, setting=settings[name], mesh=sampling_mesh())
 
     return make
 
@@ -272,11 +308,233 @@ GENERATORS: dict[str, Callable[[StageContext], tuple[list[Run], dict[str, np.nda
 }
 
 
+def sampling_mesh() -> Mesh:
+  """This process's devices: each process samples its own shards at its own pace, without
+  collectives, so one slow or restarted host does not hold the others."""
+  return sharding.make_mesh(data=-1, fsdp=1, devices=jax.local_devices())
+
+
+def _padded_batches(x: np.ndarray, batch_size: int):
+  """Yields `(batch [batch_size, ...] zero-padded, valid rows)`: one compiled shape."""
+  for i in range(0, len(x), batch_size):
+    b = x[i : i + batch_size]
+    n = len(b)
+    if n < batch_size:
+      b = np.concatenate([b, np.zeros((batch_size - n, *b.shape[1:]), b.dtype)])
+    yield b, n
+
+
+def sample_shard_fn(
+  sample_fn: Callable[[], SampleFn],
+  ae: Any,
+  stats: dict[str, np.ndarray],
+  labels: np.ndarray,
+  rng: jax.Array,
+  batch_size: int,
+  inception: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+) -> Callable[[int, int, int], dict[str, np.ndarray]]:
+  """`make_shard` for `sample_shards.fill_shards`: samples `labels[start:stop]`.
+
+  The shard's random key is `fold_in(rng, j)`, so a shard made again after a restart is the
+  same. It holds `arr_0` (uint8 images), `arr_1` (labels), `index`, `dinov2` (the frozen
+  encoder's pooled features `[n, D]`) and, with `inception`, the FID Inception's `pool3`,
+  `spatial` and `logits_unbiased`.
+
+  Args:
+    sample_fn: builds the sampler (called once, on the first shard this process makes).
+    ae: decodes latents (`ae.decode`) and gives features (`ae.features`).
+  """
+  built: list[SampleFn] = []
+
+  def make(j: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    if not built:
+      built.append(sample_fn())
+    y = labels[start:stop]
+    images = generate_images(built[0], ae, stats, y, jax.random.fold_in(rng, j), batch_size)
+    feats = pooled_features(ae, images, batch_size)
+    if not np.isfinite(feats).all():
+      raise FloatingPointError(f"Shard {j}: non-finite features of the generated images.")
+    out = {
+      sample_shards.INDEX_KEY: np.arange(start, stop, dtype=np.int64),
+      adm_npz.IMAGES_KEY: images,
+      adm_npz.LABELS_KEY: y,
+      "dinov2": feats,
+    }
+    if inception is not None:
+      parts = [inception(b[:k]) for b, k in _padded_batches(images, batch_size)]
+      out.update({k: np.concatenate([p[k] for p in parts]) for k in INCEPTION_KEYS})
+    return out
+
+  return make
+
+
+def add_inception(
+  directory: epath.Path,
+  n: int,
+  shard_size: int,
+  inception: Callable[[np.ndarray], dict[str, np.ndarray]],
+  batch_size: int,
+) -> None:
+  """Adds the Inception activations to this process's shards that lack them (samples made
+  before `config.evaluate.inception_dir` was set are scored without being drawn again)."""
+  for j in sample_shards.process_shards(n, shard_size, jax.process_index(), jax.process_count()):
+    path = sample_shards.shard_path(directory, j)
+    data = sample_shards.read_shard(path)
+    if all(k in data for k in INCEPTION_KEYS):
+      continue
+    images = data[adm_npz.IMAGES_KEY]
+    parts = [inception(b[:k]) for b, k in _padded_batches(images, batch_size)]
+    data.update({k: np.concatenate([p[k] for p in parts]) for k in INCEPTION_KEYS})
+    sample_shards.write_shard(path, data)
+
+
+def noisy_decoder_params(ctx: StageContext, ae: Autoencoder) -> Any | None:
+  """The phase-`noisy` pixel decoder (this run's, else the upstream run's), or None."""
+  for root in (ctx.workdir, ctx.upstream):
+    directory = artifacts.export_dir(root, "pixel", artifacts.PIXEL_EXPORT_NOISY)
+    if artifacts.export_exists(directory, "pixel"):
+      params, cfg, _ = artifacts.load_export("pixel", directory)
+      if cfg != ae.decoder_config:
+        raise ValueError(
+          f"{directory} ({cfg}) and the final pixel decoder ({ae.decoder_config}) differ in "
+          "architecture; they must come from one `pixel` stage run."
+        )
+      return params
+  return None
+
+
+def held_out_shard_fn(
+  ctx: StageContext, ae: Autoencoder, noisy: Any | None, source: Any, batch_size: int
+) -> Callable[[int, int, int], dict[str, np.ndarray]]:
+  """`make_shard` of the held-out pass: per image, pooled frozen-encoder features of
+  `real` (the image), `recon` (image -> encoder -> FAE -> pixel decoder) and `recon_noisy` (the
+  phase-`noisy` decoder on the clean encoder features, as the `pixel` stage evaluates it)."""
+  split = feature_cache.split_name(ctx.config, "eval")
+
+  def pooled(images):
+    return np.asarray(linear_probe.pool_tokens(ae.features(images)))
+
+  def make(j: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    ds = pipeline.make_ordered_dataset(
+      ctx.config.data,
+      split,
+      batch_size=batch_size,
+      start_index=start,
+      end_index=stop,
+      process_index=0,
+      process_count=1,
+      source=source,
+    )
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in ds:
+      keep = batch["valid"].astype(bool)
+      x, n = next(_padded_batches(batch["image"][keep], batch_size))
+      feats = ae.features(x)
+      rows = {
+        sample_shards.INDEX_KEY: batch["id"][keep].astype(np.int64),
+        "label": batch["label"][keep].astype(np.int32),
+        "real": np.asarray(linear_probe.pool_tokens(feats))[:n],
+        "recon": pooled(ae.decode(ae.encode_features(feats)))[:n],
+      }
+      if noisy is not None:
+        rows["recon_noisy"] = pooled(ae.decode_features(feats, noisy))[:n]
+      for k, v in rows.items():
+        parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+  return make
+
+
+def held_out(
+  ctx: StageContext, ae: Autoencoder, n: int, batch_size: int, shard_size: int
+) -> dict[str, np.ndarray]:
+  """The first `n` held-out images' features (`held_out_shard_fn`), made in resumable shards
+  over all processes (`eval/held_out/`); every process returns all of them.
+
+  Returns `{index [m], label [m], real [m, D], recon [m, D], recon_noisy [m, D] (when the
+  phase-`noisy` decoder exists)}`: the floor, the reconstructions and every generator are
+  measured against this one `real` array.
+  """
+  config = ctx.config
+  split = feature_cache.split_name(config, "eval")
+  source = sources.make_source(config.data, split)
+  limit = feature_cache.split_limit(config, "eval")
+  m = min(n, len(source), *([int(limit)] if limit is not None else []))
+  noisy = noisy_decoder_params(ctx, ae)
+  directory = ctx.workdir / OUTPUT / HELD_OUT
+  sample_shards.check_plan(
+    directory,
+    {"split": split, "num_images": m, "shard_size": shard_size, "noisy": noisy is not None},
+  )
+  make = held_out_shard_fn(ctx, ae, noisy, source, batch_size)
+  sample_shards.fill_shards(directory, m, shard_size, make, name="evaluate held-out")
+  multihost.barrier("evaluate-held-out")
+  keys = ["label", "real", "recon"] + (["recon_noisy"] if noisy is not None else [])
+  return sample_shards.read_shards(directory, m, shard_size, keys)
+
+
+def dinov2_metrics(
+  probe: Any, real: np.ndarray, feats: np.ndarray, labels: np.ndarray, suffix: str = ""
+) -> dict[str, float]:
+  """FD-DINOv2, class consistency and improved precision/recall of `feats` vs `real`."""
+  precision, recall = generative.precision_recall(real, feats)
+  return {
+    f"fd_dinov2{suffix}": fd(feats, real),
+    f"class_consistency{suffix}": float(linear_probe.probe_accuracy(probe, feats, labels)),
+    f"precision_dinov2{suffix}": precision,
+    f"recall_dinov2{suffix}": recall,
+  }
+
+
+def export_step(ctx: StageContext, generator: str) -> int | None:
+  """The training step of a generator's export (recorded in its shards' plan)."""
+  path = artifacts.export_dir(ctx.input_root(generator), generator) / artifacts.EXPORT_META
+  return json.loads(path.read_text()).get("step") if path.exists() else None
+
+
+def write_samples_npz(
+  directory: epath.Path, n: int, shard_size: int, path: epath.Path, labels: np.ndarray
+) -> None:
+  """Gathers a setting's shards into one ADM sample batch (`arr_0` uint8, `arr_1` labels),
+  streamed shard by shard. Process 0 only, after every process's shards are written."""
+  first = sample_shards.read_shard(sample_shards.shard_path(directory, 0), [adm_npz.IMAGES_KEY])
+  shape = first[adm_npz.IMAGES_KEY].shape[1:]
+  batches = (
+    s[adm_npz.IMAGES_KEY]
+    for s in sample_shards.iter_shards(directory, n, shard_size, [adm_npz.IMAGES_KEY])
+  )
+  adm_npz.write_samples_streamed(path, batches, shape, labels)
+
+
+def shard_rows(directory: epath.Path, shard_size: int, rows: np.ndarray, key: str) -> np.ndarray:
+  """`key` of the global rows `rows`, in that order (reads only the shards that hold them)."""
+  rows = np.asarray(rows)
+  out = None
+  for j in np.unique(rows // shard_size):
+    data = sample_shards.read_shard(sample_shards.shard_path(directory, int(j)), [key])[key]
+    mask = rows // shard_size == j
+    if out is None:
+      out = np.empty((len(rows), *data.shape[1:]), data.dtype)
+    out[mask] = data[rows[mask] - j * shard_size]
+  return out
+
+
 def run(ctx: StageContext) -> dict:
   config = ctx.config
   ev = config.evaluate
   out_dir = ctx.workdir / OUTPUT
   out_dir.mkdir(parents=True, exist_ok=True)
+  unknown = [g for g in ev.generators if g not in GENERATORS]
+  if unknown:
+    raise ValueError(
+      f"config.evaluate.generators: unknown generator(s) {unknown}; choose from "
+      f"{tuple(GENERATORS)}."
+    )
+  if ev.inception_dir and not ev.reference_npz:  # before any work
+    raise ValueError(
+      "config.evaluate.inception_dir is set but config.evaluate.reference_npz is empty: give "
+      "the ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) to compute FID against."
+    )
   ae = Autoencoder.load(
     ctx.workdir,
     encoder_dir=ctx.encoder_dir,
@@ -286,60 +544,106 @@ def run(ctx: StageContext) -> dict:
   num_classes = sources.num_classes(config.data)
   n = int(ev.num_samples)
   bs = int(ev.batch_size)
-  sharding.check_batch_divisible(bs, ctx.mesh, "config.evaluate.batch_size")
+  shard_size = int(ev.samples_per_shard)
+  sharding.check_batch_divisible(bs, sampling_mesh(), "config.evaluate.batch_size")
+  labels = balanced_labels(n, num_classes)
 
-  logging.info("evaluate: real features (held-out split and the train-split floor)")
-  real_eval, _ = real_pooled_features(ctx, ae, "eval", n, bs)
+  logging.info("evaluate: held-out features and reconstructions, the train-split floor")
+  held = held_out(ctx, ae, n, bs, shard_size)
+  real_eval = held["real"]
+  m = len(real_eval)
   real_train, real_train_y = real_pooled_features(
     ctx, ae, "train", max(n, int(ev.probe_train_examples)), bs
   )
-  floor = fd(real_train[:n], real_eval[:n])
+  floor = fd(real_train[:m], real_eval)
   probe = linear_probe.train_linear_probe(
     real_train, real_train_y, num_classes, steps=int(ev.probe_steps), seed=config.seed
   )
   metrics: dict[str, Any] = {
     "real": {
       "fd_dinov2_floor": floor,
-      "num_samples": int(min(n, len(real_eval))),
+      "num_samples": int(m),
       "probe_train_examples": int(len(real_train_y)),
-    }
+      "probe_top1_eval": float(linear_probe.probe_accuracy(probe, real_eval, held["label"])),
+    },
+    "recon": dinov2_metrics(probe, real_eval, held["recon"], held["label"]),
   }
+  if "recon_noisy" in held:
+    noisy = dinov2_metrics(probe, real_eval, held["recon_noisy"], held["label"], "_noisy")
+    metrics["recon"].update(noisy)
+
+  inception = reference = None
+  if ev.inception_dir:
+    params, _ = load_inception(ev.inception_dir)
+    inception = inception_features.inception_feature_fn(params, bs)
+    logging.info("evaluate: Inception activations of the reference %s", ev.reference_npz)
+    ref_stats, ref_acts = adm_npz.load_reference(ev.reference_npz, inception, bs)
+    reference = (ref_stats, None if ref_acts is None else ref_acts["pool3"])
+
   writer = metric_writers.create_default_writer(str(out_dir), just_logging=jax.process_index() > 0)
-  labels = balanced_labels(n, num_classes)
   rng = jax.random.key(config.seed)
-  unknown = [g for g in ev.generators if g not in GENERATORS]
-  if unknown:
-    raise ValueError(
-      f"config.evaluate.generators: unknown generator(s) {unknown}; choose from "
-      f"{tuple(GENERATORS)}."
-    )
   for generator in ev.generators:
     runs, stats, samplers = GENERATORS[generator](ctx)
     res: dict[str, Any] = {}
     for which, name, make_sample_fn in runs:
-      sample_fn = make_sample_fn()
-      logging.info("evaluate: %s %s %s samples (%s)", n, generator, which, name)
-      images = generate_images(sample_fn, ae, stats, labels, jax.random.fold_in(rng, 7), bs)
-      feats = pooled_features(ae, images, bs)
-      if not np.isfinite(feats).all():
-        raise FloatingPointError(f"{generator} {which} {name}: non-finite generated features.")
-      fd_value = fd(feats, real_eval[:n])
-      if which == "untrained":
-        res["fd_dinov2_untrained"] = fd_value
-        continue
-      acc = linear_probe.probe_accuracy(probe, feats, labels)
-      res[f"fd_dinov2_{name}"] = fd_value
-      res[f"class_consistency_{name}"] = float(acc)
-      per_class = int(ev.grid_per_class)
-      pick = np.concatenate([np.nonzero(labels == c)[0][:per_class] for c in range(num_classes)])
-      grid = grids.make_grid(
-        grids.upscale_nearest(images[pick], int(ev.grid_upscale)), cols=per_class
+      key = name if which == "trained" else which
+      with_inception = inception is not None and which == "trained"
+      directory = out_dir / f"{generator}_{key}"
+      sample_shards.check_plan(
+        directory,
+        {
+          "generator": generator,
+          "which": which,
+          "setting": samplers[name],
+          "export_step": export_step(ctx, generator),
+          "num_samples": n,
+          "num_classes": num_classes,
+          "shard_size": shard_size,
+          "batch_size": bs,
+          "seed": int(config.seed),
+        },
       )
-      path = out_dir / f"{generator}_{name}.png"
-      if multihost.is_primary():  # one writer per file
-        grids.save_png(path, grid)
-      grids.write_grid_to_tensorboard(writer, 0, f"{generator}/{name}", grid)
-      res[f"grid_png_{name}"] = str(path)
+      logging.info("evaluate: %s %s %s samples (%s)", n, generator, which, name)
+      make = sample_shard_fn(
+        make_sample_fn,
+        ae,
+        stats,
+        labels,
+        jax.random.fold_in(rng, 7),
+        bs,
+        inception if with_inception else None,
+      )
+      sample_shards.fill_shards(directory, n, shard_size, make, name=f"evaluate {generator} {key}")
+      if with_inception:  # shards written before `inception_dir` was set get them now
+        add_inception(directory, n, shard_size, inception, bs)
+      multihost.barrier(f"evaluate-samples:{generator}_{key}")
+      keys = [adm_npz.LABELS_KEY, "dinov2", *(INCEPTION_KEYS if with_inception else ())]
+      got = sample_shards.read_shards(directory, n, shard_size, keys)
+      if not np.array_equal(got[adm_npz.LABELS_KEY], labels):
+        raise ValueError(f"{directory}: the shards' labels are not the balanced labels.")
+      if which == "untrained":
+        res["fd_dinov2_untrained"] = fd(got["dinov2"], real_eval)
+        continue
+      for k, v in dinov2_metrics(probe, real_eval, got["dinov2"], labels, f"_{name}").items():
+        res[k] = v
+      if with_inception:
+        table = generative.adm_metrics(
+          {k: got[k] for k in INCEPTION_KEYS}, *reference, block_size=generative.DEFAULT_BLOCK
+        )
+        res.update({f"{k}_{name}": v for k, v in table.items() if v is not None})
+      npz_path = out_dir / f"{generator}_{name}.npz"
+      png_path = out_dir / f"{generator}_{name}.png"
+      if multihost.is_primary():
+        if not npz_path.exists():
+          write_samples_npz(directory, n, shard_size, npz_path, labels)
+        per_class = int(ev.grid_per_class)
+        pick = np.concatenate([np.nonzero(labels == c)[0][:per_class] for c in range(num_classes)])
+        images = shard_rows(directory, shard_size, pick, adm_npz.IMAGES_KEY)
+        grid = grids.make_grid(grids.upscale_nearest(images, int(ev.grid_upscale)), cols=per_class)
+        grids.save_png(png_path, grid)
+        grids.write_grid_to_tensorboard(writer, 0, f"{generator}/{name}", grid)
+      res[f"samples_npz_{name}"] = str(npz_path)
+      res[f"grid_png_{name}"] = str(png_path)
     res["grid_png"] = res.get("grid_png_guided", res.get("grid_png_unguided"))
     res["chance_accuracy"] = 1.0 / num_classes
     res["samplers"] = samplers
@@ -352,6 +656,7 @@ def run(ctx: StageContext) -> dict:
   logging.info("evaluate: %s", json.dumps(metrics, indent=2, default=str))
   summary = {"metrics": str(out_dir / METRICS)}
   for generator in ev.generators:
-    for key in ("fd_dinov2_guided", "class_consistency_guided"):
-      summary[f"{generator}.{key}"] = metrics[generator].get(key)
+    for key in ("fd_dinov2_guided", "class_consistency_guided", "fid_guided"):
+      if key in metrics[generator]:
+        summary[f"{generator}.{key}"] = metrics[generator][key]
   return summary

@@ -53,6 +53,7 @@ def get_config(arg: str | None = None):
   config.flow.model.remat = True
 
   if args.runlocal:
+    config.mesh.fsdp = 1  # one host: pure data parallelism over its devices
     config.data.max_train_examples = 256
     config.data.max_eval_examples = 64
     config.encode.batch_size = 16

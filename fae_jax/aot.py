@@ -754,7 +754,8 @@ def run(
     reports.append(report)
     log(
       f"{name}: compiled in {time.perf_counter() - t0:.0f} s, {_gib(report.peak_bytes)} GiB "
-      f"per device ({'fits' if report.fits else 'DOES NOT FIT'})"
+      f"per device ({'fits' if report.fits else 'DOES NOT FIT'})\n"
+      + format_table([report], topology, mesh).splitlines()[-1]
     )
   return reports, mesh
 

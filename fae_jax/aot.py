@@ -44,16 +44,13 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
+from fae_jax import artifacts, tpu_chips  # noqa: E402
 from fae_jax import sharding as sharding_lib  # noqa: E402
-from fae_jax import tpu_chips  # noqa: E402
-from fae_jax.data import sources  # noqa: E402
+from fae_jax.data import feature_cache, sources  # noqa: E402
 from fae_jax.flow_matching import guidance  # noqa: E402
-from fae_jax.flows import sampling as flow_sampling  # noqa: E402
 from fae_jax.losses import fae as fae_losses  # noqa: E402
-from fae_jax.models import (
-  dinov2,  # noqa: E402
-  tarflow,  # noqa: E402
-)
+from fae_jax.losses import pixel_decoder as pixel_objective  # noqa: E402
+from fae_jax.models import dinov2, tarflow  # noqa: E402
 from fae_jax.models import discriminator as disc_model  # noqa: E402
 from fae_jax.models import dit as dit_model  # noqa: E402
 from fae_jax.models import fae as fae_model  # noqa: E402
@@ -63,11 +60,13 @@ from fae_jax.models.encoder import (  # noqa: E402
   encode_images,
   images_to_model_range,
 )
+
+# The stages own the mapping config -> model config and the latent generators' losses.
 from fae_jax.stages import diffusion as diffusion_stage  # noqa: E402
-from fae_jax.stages import encode as encode_stage  # noqa: E402
 from fae_jax.stages import fae as fae_stage  # noqa: E402
 from fae_jax.stages import flow as flow_stage  # noqa: E402
 from fae_jax.stages import pixel as pixel_stage  # noqa: E402
+from fae_jax.tarflow import sampler as flow_sampler  # noqa: E402
 from fae_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from fae_jax.train import loop, optim  # noqa: E402
 
@@ -381,7 +380,7 @@ def _geometry(config: ml_collections.ConfigDict) -> _Geometry:
   backbone = dinov2.Dinov2Config.from_variant(
     config.encoder.variant, num_registers=int(config.encoder.num_registers)
   )
-  spec = encode_stage.encoder_spec(config, backbone)
+  spec = artifacts.encoder_spec(config, backbone)
   size = config.data.get("image_size") or config.data.get("synthetic_image_size") or 256
   if config.data.name.startswith("tfds:imagenet"):
     num_classes = 1000  # no dataset needed to know it
@@ -422,7 +421,7 @@ def build_step(name: str, config: ml_collections.ConfigDict, mesh: Mesh) -> Step
     batch_size = int(config.encode.batch_size)
     sharding_lib.check_batch_divisible(batch_size, mesh, "config.encode")
     fn = jax.jit(
-      encode_stage.make_encode_fn(spec, enc_dtype),
+      feature_cache.make_encode_fn(spec, enc_dtype),
       in_shardings=(frozen_sh, sharding_lib.batch_sharding(mesh)),
       out_shardings=sharding_lib.batch_sharding(mesh),
     )
@@ -469,7 +468,7 @@ def build_step(name: str, config: ml_collections.ConfigDict, mesh: Mesh) -> Step
       return _train_step(name, loss_fn=loss_cache, batch=features, **common)
 
     def loss_encoder(params, batch, rng, frozen):
-      x = encode_images(spec, frozen, images_to_model_range(batch["image"]), dtype=enc_dtype)
+      x = encode_images(spec, frozen, images_to_model_range(batch["image"]), dtype=dtype)
       return on_features(params, jax.lax.stop_gradient(x), rng)
 
     return _train_step(
@@ -480,7 +479,7 @@ def build_step(name: str, config: ml_collections.ConfigDict, mesh: Mesh) -> Step
     phase = "noisy" if name == "pixel" else "finetune"
     decoder_cfg = pixel_stage.decoder_config(config, spec)
     fae_cfg = fae_stage.model_config(config, spec) if phase == "finetune" else None
-    models = pixel_stage._Models(
+    models = pixel_objective.PixelModels(
       spec=spec,
       decoder=pd.PixelDecoder(decoder_cfg, dtype=jnp.dtype(config.pixel.dtype)),
       disc=(
@@ -525,7 +524,7 @@ def build_step(name: str, config: ml_collections.ConfigDict, mesh: Mesh) -> Step
       train_cfg=p[phase].train,
       prefix=f"pixel.{phase}.train",
       init_params_fn=init_params,
-      loss_fn=pixel_stage.make_loss_fn(config, phase, models),
+      loss_fn=pixel_objective.make_loss_fn(config.pixel, phase, models),
       batch=batch,
       frozen=frozen,
       flops_per_example=pd.pixel_decoder_flops_per_example(decoder_cfg),
@@ -645,11 +644,12 @@ def _flow_sampler(name, config, mesh, params, model, flops) -> StepSpec:
   batch = int(e.batch_size)
   sharding_lib.check_batch_divisible(batch, mesh, "config.evaluate")
   s = config.flow.sample
-  fn = flow_sampling.make_sample_fn(
+  scale = float(s.guidance_scale)
+  fn = flow_sampler.make_sample_fn(
     model,
     mesh=mesh,
     temperature=float(s.temperature),
-    guidance=float(s.guidance_scale),
+    guidance=None if scale == 1.0 else scale,
     cache=bool(s.cache),
     denoise_step=bool(s.denoise),
   )
@@ -657,7 +657,7 @@ def _flow_sampler(name, config, mesh, params, model, flops) -> StepSpec:
   bsh = sharding_lib.batch_sharding(mesh)
   # Raw uint32 key data (what `jax.random` also takes), replicated.
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding_lib.replicated(mesh))
-  passes = 2 if float(s.guidance_scale) != 1.0 else 1
+  passes = 2 if scale != 1.0 else 1
   return StepSpec(
     name=name,
     fn=fn,

@@ -5,8 +5,11 @@ Needs libtpu (the `test` extra pins it); without it every test here skips and sa
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pathlib
+import re
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -20,13 +23,37 @@ from fae_jax import aot, tpu_chips
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
+needs_libtpu = pytest.mark.skipif(
   not aot.libtpu_available(),
   reason="libtpu is not installed (pip install -e '.[test]' pins libtpu==0.0.42.1): the TPU "
   "compiler is needed to compile for a TPU topology",
 )
 
 TOPOLOGY = "v5e:2x2"  # 4 chips
+
+
+def test_make_test_installs_libtpu(monkeypatch):
+  """`make test` builds its venv with the `test` extra, which pins libtpu: the AOT tests below
+  run there instead of skipping. Where the test extra is installed, libtpu must be too."""
+  import setuptools
+
+  captured = {}
+  monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+  monkeypatch.chdir(REPO)
+  runpy.run_path(str(REPO / "setup.py"))
+  assert "libtpu==0.0.42.1" in captured["extras_require"]["test"]
+  makefile = (REPO / "Makefile").read_text()
+  assert "pip install --quiet -e '.[test]'" in makefile
+  assert re.search(r"^test: assets$", makefile, re.M) and re.search(
+    r"^assets: venv$", makefile, re.M
+  )
+  try:
+    importlib.metadata.version("pytest-xdist")  # a package only the test extra brings
+  except importlib.metadata.PackageNotFoundError:
+    pytest.skip("the test extra is not installed in this environment")
+  assert aot.libtpu_available(), (
+    "the test extra is installed without libtpu: pip install -e '.[test]'"
+  )
 
 
 def _tiny_config(data: int, fsdp: int):
@@ -63,12 +90,14 @@ def compiled():
   return out
 
 
+@needs_libtpu
 def test_topology_devices_are_the_slice():
   devices = aot.topology_devices(TOPOLOGY)
   assert len(devices) == 4
   assert tpu_chips.chip_for_device_kind(devices[0].device_kind).name == "v5e"
 
 
+@needs_libtpu
 def test_memory_report_of_the_train_steps(compiled):
   hbm = tpu_chips.chip_by_name(TOPOLOGY).hbm_bytes
   for (name, fsdp), (spec, report, _) in compiled.items():
@@ -88,6 +117,7 @@ def test_memory_report_of_the_train_steps(compiled):
   assert fae_fsdp.argument_bytes < 0.7 * fae_dp.argument_bytes
 
 
+@needs_libtpu
 def test_flops_match_the_analytic_count(compiled):
   for (name, fsdp), (_, report, _) in compiled.items():
     # XLA counts every op (norms, softmax, optimizer), the analytic count only the matmuls.
@@ -96,6 +126,7 @@ def test_flops_match_the_analytic_count(compiled):
     assert report.roofline_s > 0 and report.images_per_s > 0
 
 
+@needs_libtpu
 def test_collectives_in_the_hlo(compiled):
   dp = compiled["fae", 1][1].collectives
   assert "all-reduce" in dp and dp["all-reduce"][1] > 0  # gradients averaged over data
@@ -106,6 +137,7 @@ def test_collectives_in_the_hlo(compiled):
   assert fsdp.get("reduce-scatter", (0, 0))[0] + fsdp.get("all-reduce", (0, 0))[0] > 0
 
 
+@needs_libtpu
 def test_table_and_fix_message(compiled):
   spec, report, mesh = compiled["diffusion", 2]
   table = aot.format_table([report], TOPOLOGY, mesh)
@@ -139,6 +171,7 @@ def test_hlo_collective_parser():
   }
 
 
+@needs_libtpu
 def test_mesh_builds_over_tpu_devices_in_a_fresh_process():
   """`make_mesh` on TPU devices in a process where nothing imported jax.experimental.mesh_utils
   before it (`make_mesh` used it without importing it), including shapes that split a physical torus axis of v5p:4x4x4."""

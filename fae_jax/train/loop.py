@@ -47,7 +47,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from fae_jax import sharding as sharding_lib
 from fae_jax.train import checkpoint as ckpt_lib

@@ -49,6 +49,9 @@ setup(
       "pytest==9.2.0",
       "pytest-xdist==3.8.0",
       "ruff==0.17.6",
+      # The TPU compiler for `python -m fae_jax.aot` and tests/test_aot.py (no TPU needed): the
+      # version jax[tpu]==0.10.2 pins.
+      "libtpu==0.0.42.1",
     ],
     "tpu": [f"jax[tpu]=={JAX}"],
     "gpu": [f"jax[cuda12]=={JAX}"],

@@ -81,7 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.data.image_size = ml_collections.FieldReference(None, field_type=int)  # None: native size
   c.data.random_flip = False
-  c.data.num_workers = 0
+  c.data.num_workers = 0  # grain worker processes (0: in-process)
+  c.data.read_threads = 8  # grain read threads per process
+  c.data.prefetch_buffer_size = 128  # grain read-ahead, in examples
   # How processes split the data (fae_jax.data.pipeline): 'global' = one stream for the job, the
   # same for any process count; 'shard' = each host reads whole cache shards of its own.
   c.data.process_split = "global"
@@ -126,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.decoder_pos = "learned"
   m.decoder_out_proj = True
   m.mlp_ratio = 4.0
+  m.remat = False  # rematerialise each decoder block in the backward pass
   t = c.fae.train = default_train_config()
   t.num_steps = 1_000_000
   t.batch_size = 1024
@@ -163,6 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope = False
   m.pos = "learned"
   m.patch_size = 16  # output image side = token grid side * patch_size
+  m.remat = False  # rematerialise each block in the backward pass
   # Feature noise of phase `noisy` (training only): 'fixed' sigma, or per-sample U(0, tau) (RAE).
   c.pixel.noise = ml_collections.ConfigDict()
   c.pixel.noise.mode = "fixed"
@@ -223,6 +227,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.model.lightning = True  # SwiGLU + RoPE + RMSNorm (False: plain SiT)
   c.diffusion.model.class_dropout = 0.1
   c.diffusion.model.qk_norm = False
+  c.diffusion.model.remat = False  # rematerialise each block in the backward pass
   # Optional overrides of the variant's size (None: the variant's own).
   c.diffusion.model.width = ml_collections.FieldReference(None, field_type=int)
   c.diffusion.model.depth = ml_collections.FieldReference(None, field_type=int)

@@ -25,6 +25,11 @@ def get_config(arg: str | None = None):
   # The paper's 170.43M feature decoder has no output projection: the final RMSNorm output is
   # x_hat, which suits the per-token standardised `no_affine` targets (README, design notes).
   config.fae.model.decoder_out_proj = False
+  # FSDP over 16 chips: a whole torus plane of v5p:4x4x4 and a whole axis of v5e:16x16 (on
+  # v6e:8x8 it splits an axis; `sharding.make_mesh` builds it and says so). With it the train
+  # state of every ImageNet model is under 1.4 GiB per chip; the compiled steps' bytes per chip
+  # on v5p-64, v5e-256 and v6e-64 are in the README (`python -m fae_jax.aot`).
+  config.mesh.fsdp = 16
 
   # DINOv2-g/14 without registers; 256 px images resized to 224 px -> 16x16 tokens of 1536.
   config.encoder.variant = "g/14"
@@ -51,6 +56,9 @@ def get_config(arg: str | None = None):
   config.pixel.input = "encoder"
   config.pixel.dtype = "bfloat16"
 
+  # LightningDiT-XL/1 computes in bfloat16 like the other ImageNet models (float32 master weights).
+  config.diffusion.dtype = "bfloat16"
+
   # Flow generator (stage `flow`): STARFlow's 1.4B layout on the
   # 16x16x32 latents (common.py defaults), bfloat16 compute, each layer rematerialised.
   config.flow.dtype = "bfloat16"
@@ -72,6 +80,7 @@ def get_config(arg: str | None = None):
   e.guided.bands = guidance.paper_main(1.7)
 
   if args.runlocal:
+    config.mesh.fsdp = 1  # one host: pure data parallelism over its devices
     config.data.max_train_examples = 256
     config.data.max_eval_examples = 64
     config.encode.batch_size = 16

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -24,7 +25,15 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A `('data', 'fsdp')` mesh; -1 on one axis means "all remaining devices"."""
+  """A `('data', 'fsdp')` mesh; -1 on one axis means "all remaining devices".
+
+  On TPU the devices are laid out by `mesh_utils.create_device_mesh`, which maps each mesh axis
+  onto whole physical torus axes (e.g. on v5p:4x4x4, `fsdp` in {1, 4, 16, 64}). A shape that
+  splits a physical axis (fsdp=8 on 4x4x4, fsdp=4 on v6e:8x8) is still built, with
+  `allow_split_physical_axes=True` (a mesh axis then spans part of a torus ring: its collectives
+  lose the wrap-around link), and a warning says which shapes keep whole axes. `devices` may be
+  the devices of a `jax.experimental.topologies` description (ahead-of-time compilation).
+  """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if data == -1 and fsdp == -1:
@@ -40,10 +49,35 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
       "(-1 on one axis takes the rest)."
     )
   if len({d.platform for d in devices}) == 1 and devices[0].platform == "tpu":
-    dev_array = jax.experimental.mesh_utils.create_device_mesh((data, fsdp), devices)
+    dev_array = _tpu_device_mesh((data, fsdp), devices)
   else:
     dev_array = np.asarray(devices).reshape(data, fsdp)
   return Mesh(dev_array, MESH_AXES)
+
+
+def _tpu_device_mesh(shape: tuple[int, int], devices: Sequence[jax.Device]) -> np.ndarray:
+  """Topology-aware device order for `shape`; see `make_mesh` for axes that split the torus."""
+  try:
+    return mesh_utils.create_device_mesh(shape, devices)
+  except (NotImplementedError, ValueError, AssertionError) as whole_axes_error:
+    try:
+      dev_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (NotImplementedError, ValueError, AssertionError) as split_error:
+      logging.warning(
+        "mesh: no topology-aware layout for data=%d x fsdp=%d (%s); using the plain device "
+        "order (collectives may be slower).",
+        *shape,
+        split_error,
+      )
+      return np.asarray(devices).reshape(shape)
+    logging.warning(
+      "mesh: data=%d x fsdp=%d splits a physical torus axis of this TPU slice (%s); built with "
+      "allow_split_physical_axes. For the fastest collectives pick mesh.fsdp as a product of "
+      "whole physical axis lengths.",
+      *shape,
+      str(whole_axes_error).split(".")[0],
+    )
+    return dev_array
 
 
 def mesh_from_config(mesh_config) -> Mesh:

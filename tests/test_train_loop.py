@@ -445,9 +445,84 @@ def test_device_peak_flops():
     ("TPU v5 lite", "tpu", 197e12),
     ("TPU v4", "tpu", 275e12),
     ("TPU v6 lite", "tpu", 918e12),
+    ("TPU v5", "tpu", 459e12),
     ("NVIDIA H100 80GB HBM3", "gpu", 989e12),
     ("NVIDIA A100-SXM4-40GB", "gpu", 312e12),
   ):
     fake = types.SimpleNamespace(device_kind=kind, platform=platform)
     got, source = mfu.device_peak_flops(fake)
     assert got == want and "bf16" in source, kind
+
+
+# Gradient accumulation and the profiler hook
+
+
+def _deterministic_loss(params, batch, rng):
+  """The toy regression without input noise: a mean over examples, so k micro-batches of B/k
+  examples average to the loss (and gradient) of the whole batch."""
+  del rng
+  pred = toy.MLP().apply(params, batch["x"])
+  per_example = jnp.mean((pred - batch["y"]) ** 2, axis=-1)
+  return per_example.mean(), {"mse_max": per_example.max()}
+
+
+def _accum_steps(accum: int, batch_size: int, steps: int = 2):
+  mesh = toy.make_mesh()
+  config = toy.make_config()
+  config.batch_size = batch_size
+  config.grad_accum_steps = accum
+  tx, schedule = optim.make_optimizer(config)
+  state, shardings = loop.create_train_state(
+    config=config, mesh=mesh, init_params_fn=toy.init_params, tx=tx, seed=0
+  )
+  step = loop.make_train_step(
+    loss_fn=_deterministic_loss,
+    tx=tx,
+    schedule=schedule,
+    config=config,
+    shardings=shardings,
+    mesh=mesh,
+  )
+  x, y = toy.make_examples()
+  losses, norms = [], []
+  for s in range(steps):
+    rows = slice(s * batch_size, (s + 1) * batch_size)
+    batch = sharding.global_batch({"x": x[rows], "y": y[rows]}, mesh)
+    state, metrics = step(state, batch, ())
+    losses.append(float(metrics["train/loss"]))
+    norms.append(float(metrics["train/grad_norm"]))
+  return state, losses, norms
+
+
+def test_grad_accumulation_equals_one_big_batch_step():
+  big_state, big_losses, big_norms = _accum_steps(accum=1, batch_size=32)
+  acc_state, acc_losses, acc_norms = _accum_steps(accum=4, batch_size=32)
+  np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
+  np.testing.assert_allclose(acc_norms, big_norms, rtol=1e-5)
+  big, acc = _flat(big_state.params), _flat(acc_state.params)
+  for name in big:
+    np.testing.assert_allclose(acc[name], big[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  # Not vacuous: one micro-batch alone is a different step.
+  _, small_losses, small_norms = _accum_steps(accum=1, batch_size=8, steps=1)
+  assert abs(small_norms[0] - big_norms[0]) > 1e-3 * big_norms[0]
+
+
+def test_grad_accumulation_rejects_indivisible_batch():
+  with pytest.raises(ValueError, match="grad_accum_steps=3"):
+    _accum_steps(accum=3, batch_size=16, steps=1)
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  config = toy.make_config(3)
+  config.profile_steps = (1, 2)
+  loop.train(
+    workdir=tmp_path,
+    stage=toy.STAGE,
+    config=config,
+    mesh=toy.make_mesh(),
+    init_params_fn=toy.init_params,
+    loss_fn=toy.loss_fn,
+    data_iter_fn=toy.make_data_iter_fn(),
+  )
+  traces = list((tmp_path / toy.STAGE / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0

@@ -106,6 +106,8 @@ class FaeConfig(JsonConfig):
     mlp_ratio: MLP width multiplier for decoder and deep-adapter blocks.
     norm_eps: epsilon of every norm.
     rope_theta: RoPE base frequency.
+    remat: rematerialise each feature-decoder block in the backward pass (activation memory
+      for compute; the same parameters and numbers).
   """
 
   feature_dim: int = 1536
@@ -130,6 +132,7 @@ class FaeConfig(JsonConfig):
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0
+  remat: bool = False
 
   def __post_init__(self):
     # JSON round trips turn tuples into lists; normalise so configs compare and hash equal.
@@ -337,8 +340,9 @@ class FeatureDecoder(nn.Module):
       x = x + self.param("pos_embed", _POS_INIT, (1, c.num_tokens, c.decoder_width))
     rope = _rope_tables(c, c.decoder_head_dim) if c.decoder_rope else None
     block = c.decoder_block_config()
+    block_cls = nn.remat(layers.Block) if c.remat else layers.Block
     for i in range(c.decoder_depth):
-      x = layers.Block(block, dtype=self.dtype, name=f"blocks_{i}")(x, rope=rope)
+      x = block_cls(block, dtype=self.dtype, name=f"blocks_{i}")(x, rope=rope)
     x = layers.make_norm(c.decoder_norm, eps=c.norm_eps, dtype=self.dtype, name="norm")(x)
     if c.decoder_out_proj:
       x = nn.Dense(

@@ -77,6 +77,8 @@ class PixelDecoderConfig(JsonConfig):
     channels: output channels.
     norm_eps: epsilon of every norm.
     rope_theta: RoPE base frequency.
+    remat: rematerialise each block in the backward pass (activation memory for compute; the
+      same parameters and numbers).
   """
 
   feature_dim: int = 1536
@@ -93,6 +95,7 @@ class PixelDecoderConfig(JsonConfig):
   channels: int = 3
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0
+  remat: bool = False
 
   def __post_init__(self):
     # JSON round trips turn tuples into lists; normalise so configs compare and hash equal.
@@ -258,8 +261,9 @@ class PixelDecoder(nn.Module):
       cos, sin = layers.rope_2d_tables(c.grid, c.head_dim, theta=c.rope_theta)
       rope = (jnp.asarray(cos), jnp.asarray(sin))
     block = c.block_config()
+    block_cls = nn.remat(layers.Block) if c.remat else layers.Block
     for i in range(c.depth):
-      x = layers.Block(block, dtype=self.dtype, name=f"blocks_{i}")(x, rope=rope)
+      x = block_cls(block, dtype=self.dtype, name=f"blocks_{i}")(x, rope=rope)
     x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=self.dtype, name="norm")(x)
     x = nn.Dense(
       c.patch_dim, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="head"

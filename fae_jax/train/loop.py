@@ -55,7 +55,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from fae_jax import multihost
 from fae_jax import sharding as sharding_lib
@@ -97,6 +97,13 @@ def default_train_config() -> ml_collections.ConfigDict:
   c.keep = 3  # newest checkpoints kept; milestones are kept forever
   c.milestones = ()
   c.async_checkpointing = True
+  # Gradient accumulation: each step averages the gradients of k micro-batches of
+  # batch_size / k examples (the same update as one step on the whole batch, with 1/k of the
+  # activation memory); batch_size stays the global batch of one optimizer step.
+  c.grad_accum_steps = 1
+  # Steps (0-based) traced with jax.profiler into <workdir>/<stage>/profile (TensorBoard's
+  # profile plugin / Perfetto); a run of consecutive steps is one trace. () = none.
+  c.profile_steps = ()
   return c
 
 
@@ -214,21 +221,64 @@ def make_train_step(
   With `loss_takes_step`, the loss is called as `loss_fn(..., step=state.step)` (a traced int32
   scalar), for objectives with step-dependent terms such as a GAN loss switched on at a step.
 
+  With `config.grad_accum_steps = k > 1`, the global batch is split into k micro-batches (row
+  `i` goes to micro-batch `i % k`, so each stays spread over every batch shard) that run one
+  after another in a `lax.scan`; micro-batch `j` uses the key `fold_in(step key, j)`. Gradients,
+  loss and metrics are the means over the micro-batches: for a loss that is a mean over
+  examples this is the step on the whole batch, with the activations of one micro-batch.
+
   Metrics: the loss_fn's metrics (a name without a group goes to `train/`), `train/loss`,
   `train/grad_norm` (global L2 norm before clipping) and `train/lr` (the rate of this step).
   """
   ema_decay = float(config.get("ema_decay", 0.0))
   ema_warmup = bool(config.get("ema_warmup", False))
+  accum = int(config.get("grad_accum_steps", 1) or 1)
+  if accum < 1:
+    raise ValueError(f"train.grad_accum_steps must be >= 1, got {accum}.")
+  shards = sharding_lib.num_batch_shards(mesh)
+
+  def grads_of(params, batch, rng, extra, step):
+    def objective(p):
+      if loss_takes_step:
+        return loss_fn(p, batch, rng, *extra, step=step)
+      return loss_fn(p, batch, rng, *extra)
+
+    return jax.value_and_grad(objective, has_aux=True)(params)
+
+  def accumulated(params, batch, rng, extra, step):
+    size = len(jax.tree.leaves(batch)[0])
+    if size % (accum * shards):
+      raise ValueError(
+        f"train.grad_accum_steps={accum}: the global batch {size} must be a multiple of "
+        f"grad_accum_steps x the {shards} batch shards ({accum * shards}); change "
+        "train.batch_size or train.grad_accum_steps."
+      )
+    micro_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES))
+
+    def split(x):
+      x = x.reshape(size // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    micro = jax.tree.map(split, batch)
+
+    def body(acc, inputs):
+      j, mb = inputs
+      (loss, aux), grads = grads_of(params, mb, jax.random.fold_in(rng, j), extra, step)
+      acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
+      return acc, (loss, aux)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    total, (losses, auxes) = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    grads = jax.tree.map(lambda t, p: (t / accum).astype(p.dtype), total, params)
+    aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)
+    return (jnp.mean(losses), aux), grads
 
   def step_fn(state: TrainState, batch: Any, extra: Any):
     rng = state.step_rng()
-
-    def objective(params):
-      if loss_takes_step:
-        return loss_fn(params, batch, rng, *extra, step=state.step)
-      return loss_fn(params, batch, rng, *extra)
-
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    if accum == 1:
+      (loss, aux), grads = grads_of(state.params, batch, rng, extra, state.step)
+    else:
+      (loss, aux), grads = accumulated(state.params, batch, rng, extra, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
@@ -515,8 +565,15 @@ def _run(
     history.clear()
     reset_timer()
 
+  profile_steps = {int(s) for s in (config.get("profile_steps", ()) or ())}
+  tracing = False
   with ckpt_lib.PreemptionFlag() as preemption, _closing(writer):
     while step < num_steps:
+      if step in profile_steps and not tracing:
+        trace_dir = stage_dir / "profile"
+        logging.info("%s: profiling from step %d into %s.", stage, step, trace_dir)
+        jax.profiler.start_trace(str(trace_dir))
+        tracing = True
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         try:
           local_batch = next(data_iter)
@@ -538,6 +595,10 @@ def _run(
             )
         batch = sharding_lib.global_batch(local_batch, mesh)
         state, metrics = train_step(state, batch, extra_args)
+      if tracing and (step + 1 not in profile_steps or step + 1 == num_steps):
+        jax.block_until_ready((state, metrics))  # the trace holds the device work of the step
+        jax.profiler.stop_trace()
+        tracing = False
       check_pending()  # the previous step, while this one runs
       pending = (step, metrics)
       step += 1

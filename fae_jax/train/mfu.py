@@ -15,16 +15,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-# (substring of `device.device_kind`, lower case) -> peak dense bf16 FLOP/s per chip. Checked in
-# order, so more specific names come first.
+from fae_jax import tpu_chips
+
+# GPUs: (substring of `device.device_kind`, lower case) -> peak dense bf16 FLOP/s per chip. Checked
+# in order, so more specific names come first. TPUs come from `fae_jax.tpu_chips` (one table for
+# the MFU here and the ahead-of-time roofline of `fae_jax.aot`).
 PEAK_BF16_FLOPS: tuple[tuple[str, float, str], ...] = (
-  ("v6 lite", 918e12, "TPU v6e"),
-  ("v6e", 918e12, "TPU v6e"),
-  ("v5 lite", 197e12, "TPU v5e"),
-  ("v5e", 197e12, "TPU v5e"),
-  ("v5p", 459e12, "TPU v5p"),
-  ("v5", 459e12, "TPU v5p"),
-  ("v4", 275e12, "TPU v4"),
   ("h200", 989e12, "NVIDIA H200 (same tensor cores as H100 SXM)"),
   ("h100 pcie", 756e12, "NVIDIA H100 PCIe"),
   ("h100", 989e12, "NVIDIA H100 SXM"),
@@ -57,7 +53,10 @@ def device_peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
   """
   device = device or jax.local_devices()[0]
   kind = device.device_kind.lower()
-  if device.platform in ("tpu", "gpu", "cuda", "rocm"):
+  chip = tpu_chips.chip_for_device_kind(kind) if device.platform == "tpu" else None
+  if chip is not None:
+    return chip.peak_bf16_flops, f"table: TPU {chip.name}, dense bf16 ({chip.source})"
+  if device.platform in ("gpu", "cuda", "rocm"):
     for key, flops, name in PEAK_BF16_FLOPS:
       if key in kind:
         return flops, f"table: {name}, dense bf16"

@@ -15,7 +15,6 @@ torch is imported only to read `.pth` files.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Any
@@ -27,23 +26,13 @@ from etils import epath
 
 from fae_jax import encoder_checkpoint, multihost
 from fae_jax.convert import dinov2 as dinov2_convert
+from fae_jax.convert.torch_files import CheckpointReadError, read_error
+from fae_jax.convert.torch_files import load_pth as _torch_load_pth
 from fae_jax.models.dinov2 import Dinov2, Dinov2Config
 
 
-class CheckpointReadError(ValueError):
-  """A weights file that exists but cannot be read (truncated, corrupt, or another format)."""
-
-
 def _read_error(path: str, fmt: str, error: Exception) -> CheckpointReadError:
-  try:
-    size = f"{epath.Path(path).stat().length:,} bytes"
-  except Exception:  # noqa: BLE001  (the size is only a hint in the message)
-    size = "size unknown"
-  return CheckpointReadError(
-    f"Encoder checkpoint {path} ({size}) could not be read as {fmt}: "
-    f"{type(error).__name__}: {error}. The file is truncated or corrupt, or not a {fmt} file: "
-    "download it again (compare its sha256 with the published one) and rerun `convert`."
-  )
+  return read_error(path, fmt, error, "Encoder checkpoint")
 
 
 def _read_bytes(path: str) -> bytes:
@@ -51,26 +40,12 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _load_pth(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      f"Reading {path} needs PyTorch: pip install -e '.[convert]' (torch==2.13.0)."
-    ) from e
-  try:
-    obj = torch.load(io.BytesIO(_read_bytes(path)), map_location="cpu", weights_only=True)
-  except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
-    raise _read_error(path, "a PyTorch state dict (.pth)", e) from e
-  for key in ("model", "state_dict", "teacher"):
-    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-      obj = obj[key]
-  if not isinstance(obj, dict) or not all(hasattr(v, "numpy") for v in obj.values()):
-    raise CheckpointReadError(
-      f"Encoder checkpoint {path} holds a {type(obj).__name__}, not a state dict of tensors "
-      "(nor one under 'model', 'state_dict' or 'teacher'); pass the DINOv2 backbone weights "
-      "file (e.g. dinov2_vitg14_pretrain.pth)."
-    )
-  return {k: v.float().numpy() for k, v in obj.items()}
+  state = _torch_load_pth(
+    path,
+    what="Encoder checkpoint",
+    hint="Pass the DINOv2 backbone weights file (e.g. dinov2_vitg14_pretrain.pth).",
+  )
+  return {k: np.asarray(v, np.float32) for k, v in state.items()}
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ On disk (`convert_inception_file`): `DIR/params/` (Orbax, float32) and `DIR/ince
 "num_params": ...}`), through `fae_jax.params_store` (written under a temporary name, renamed
 when complete). `load_inception(DIR)` reads it back without torch.
 
-torch is imported only inside `_load_pth`.
+torch is imported only inside `torch_files.load_pth`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fae_jax import params_store
+from fae_jax.convert import torch_files
 from fae_jax.models.inception import INPUT_SIZE, FIDInceptionV3
 
 META_NAME = "inception.json"
@@ -118,15 +119,6 @@ def optional_keys() -> set[str]:
   }
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):
-    value = value.detach().cpu()
-    if str(value.dtype) == "torch.bfloat16":
-      value = value.float()
-    value = value.numpy()
-  return np.asarray(value)
-
-
 def convert_inception(state_dict: Mapping[str, Any]) -> ParamTree:
   """Converts a pytorch-fid / torch-fidelity FID Inception state dict to `FIDInceptionV3` params.
 
@@ -151,7 +143,7 @@ def convert_inception(state_dict: Mapping[str, Any]) -> ParamTree:
     if rule.torch_key not in state_dict:
       problems["missing checkpoint keys"].append(f"{rule.torch_key} {rule.torch_shape}")
       continue
-    value = _to_numpy(state_dict[rule.torch_key])
+    value = torch_files.to_numpy(state_dict[rule.torch_key])
     if tuple(value.shape) != rule.torch_shape:
       problems["shape mismatches"].append(
         f"{rule.torch_key}: checkpoint {tuple(value.shape)}, model expects {rule.torch_shape}"
@@ -180,21 +172,6 @@ def convert_inception(state_dict: Mapping[str, Any]) -> ParamTree:
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      f"Reading {path} needs PyTorch: pip install -e '.[convert]' (torch==2.13.0)."
-    ) from e
-  obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-  if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-    obj = obj["state_dict"]
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict.")
-  return {k: _to_numpy(v) for k, v in obj.items()}
-
-
 def convert_inception_file(src: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
   """`python -m fae_jax.convert inception --src=FILE --out=DIR`.
 
@@ -210,7 +187,9 @@ def convert_inception_file(src: str | os.PathLike, out_dir: str | os.PathLike) -
       f"--src={src} does not exist. The FID Inception weights are {' or '.join(WEIGHT_FILES)}; "
       "see the README's FID section for where to get them."
     )
-  state_dict = _load_pth(src)
+  state_dict = torch_files.load_pth(
+    src, what="Inception weights", hint=f"Pass {' or '.join(WEIGHT_FILES)}."
+  )
   params = convert_inception(state_dict)
   from fae_jax.encoder_checkpoint import sha256_file
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fae_jax import params_store
+from fae_jax.convert import torch_files
 from fae_jax.models.lpips import VGG16_STAGE_CHANNELS, Lpips, conv_channels
 
 META_NAME = "lpips.json"
@@ -40,12 +41,7 @@ ParamTree = dict[str, Any]
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):
-    value = value.detach().cpu()
-    if str(value.dtype) == "torch.bfloat16":
-      value = value.float()
-    value = value.numpy()
-  return np.asarray(value, np.float32)
+  return np.asarray(torch_files.to_numpy(value), np.float32)
 
 
 def vgg_param_map() -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
@@ -168,17 +164,7 @@ def _sha256(path: str | os.PathLike) -> str:
 
 
 def _load_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      f"Reading {path} needs PyTorch: pip install -e '.[convert]' (torch==2.13.0)."
-    ) from e
-  obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-  for key in ("state_dict", "model"):
-    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-      obj = obj[key]
-  return {k: _to_numpy(v) for k, v in obj.items()}
+  return torch_files.load_pth(path, what="LPIPS weights")
 
 
 def save_lpips(directory: str | os.PathLike, params: Any, source: dict[str, Any]) -> dict[str, Any]:

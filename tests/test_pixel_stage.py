@@ -145,9 +145,13 @@ def test_phases_resume_and_finetune_starts_from_noisy_weights(
   gan_run, tmp_path, monkeypatch, small_encoder, tiny_pipeline_config
 ):
   upstream, _, _ = gan_run
-  workdir = epath.Path(tmp_path)
+  workdir = epath.Path(tmp_path) / "run"
+  # Only the converted encoder upstream: a run reads the outputs of stages it does not run
+  # (here `fae`) from its upstream workdir when its own has none.
+  encoder_only = epath.Path(tmp_path) / "encoder_only"
+  shutil.copytree(upstream / "encoder", encoder_only / "encoder")
   config = tiny_config(tiny_pipeline_config)
-  config.upstream_workdir = str(upstream)  # its converted encoder
+  config.upstream_workdir = str(encoder_only)
   config.pixel.input = "encoder"  # the encoder runs in the step; no feature cache needed
   config.pixel.finetune.train.lr = 0.0  # fine-tuning leaves the seeded weights as they are
   config.stages = ("pixel",)

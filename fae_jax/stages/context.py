@@ -31,11 +31,13 @@ class StageContext:
   def input_root(self, stage: str) -> epath.Path:
     """The workdir holding `stage`'s outputs as this run's input.
 
-    The run's own workdir when it runs `stage` itself (or has no upstream); otherwise
-    `config.upstream_workdir`: a sweep point or a `:stage=<name>` run reads the outputs of the
-    stages it does not run from the shared run.
+    The run's own workdir when it runs `stage` itself, has no upstream, or already holds
+    `<stage>/`; otherwise `config.upstream_workdir`: a sweep point or a `:stage=<name>` run reads
+    the outputs of the stages it does not run from the shared run.
     """
     if stage in tuple(self.config.stages) or self.upstream == self.workdir:
+      return self.workdir
+    if (self.workdir / stage).exists():
       return self.workdir
     return self.upstream
 

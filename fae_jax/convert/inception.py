@@ -158,13 +158,7 @@ def convert_inception(state_dict: Mapping[str, Any]) -> ParamTree:
       "Cannot convert the FID Inception state dict (expected the layout of "
       f"{' or '.join(WEIGHT_FILES)}):\n" + "\n".join(report)
     )
-  tree: ParamTree = {}
-  for path, value in flat.items():
-    node = tree
-    for part in path[:-1]:
-      node = node.setdefault(part, {})
-    node[path[-1]] = value
-  return tree
+  return torch_files.unflatten(flat)
 
 
 # ----------------------------------------------------------------------------------------------

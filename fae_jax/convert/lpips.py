@@ -143,13 +143,7 @@ def convert_lpips(
   if report:
     raise ValueError("Cannot convert the LPIPS-VGG state dicts:\n" + "\n".join(report))
 
-  tree: ParamTree = {}
-  for path, value in flat.items():
-    node = tree
-    for part in path[:-1]:
-      node = node.setdefault(part, {})
-    node[path[-1]] = value
-  return tree
+  return torch_files.unflatten(flat)
 
 
 # ----------------------------------------------------------------------------------------------

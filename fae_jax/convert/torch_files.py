@@ -74,3 +74,14 @@ def load_pth(
       f"(nor one under {', '.join(repr(k) for k in _CONTAINERS)}). {hint}".rstrip()
     )
   return {k: to_numpy(v) for k, v in obj.items()}
+
+
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+  """`{("a", "b"): x}` -> `{"a": {"b": x}}`: a converter's explicit map back into a Flax tree."""
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return tree

@@ -32,7 +32,6 @@ import os
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import dataclasses  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -46,6 +45,14 @@ from jax.sharding import Mesh  # noqa: E402
 
 from fae_jax import artifacts, tpu_chips  # noqa: E402
 from fae_jax import sharding as sharding_lib  # noqa: E402
+from fae_jax.aot_compile import (  # noqa: E402
+  StepReport,
+  StepSpec,
+  _gib,
+  compile_step,
+  format_table,
+  topology_devices,
+)
 from fae_jax.data import feature_cache, sources  # noqa: E402
 from fae_jax.flow_matching import guidance  # noqa: E402
 from fae_jax.losses import fae as fae_losses  # noqa: E402
@@ -69,6 +76,7 @@ from fae_jax.stages import pixel as pixel_stage  # noqa: E402
 from fae_jax.tarflow import sampler as flow_sampler  # noqa: E402
 from fae_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from fae_jax.train import loop, optim  # noqa: E402
+from fae_jax.train import state as train_state  # noqa: E402
 
 # Steps in report order; `--stages` picks a subset.
 STEPS = (
@@ -82,212 +90,6 @@ STEPS = (
   "diffusion_sample",
   "flow_sample",
 )
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {
-  "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-  "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
-}  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------
-# Topology and compilation.
-# ----------------------------------------------------------------------------------------------
-
-
-def libtpu_available() -> bool:
-  import importlib.util
-
-  return importlib.util.find_spec("libtpu") is not None
-
-
-def topology_devices(topology: str) -> list[jax.Device]:
-  """The devices of a TPU slice such as 'v5p:4x4x4' (nothing attached; for compilation only)."""
-  if not libtpu_available():
-    raise RuntimeError(
-      "fae_jax.aot needs libtpu for the TPU compiler: pip install -e '.[test]' (it pins "
-      "libtpu==0.0.42.1, the version jax[tpu]==0.10.2 uses)."
-    )
-  tpu_chips.chip_by_name(topology)  # a clear error for an unknown generation
-  from jax.experimental import topologies
-
-  return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
-
-
-def _array_bytes(shape: str) -> int:
-  total = 0
-  for dtype, dims in re.findall(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]", shape):
-    if dtype in _DTYPE_BYTES:
-      total += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
-  return total
-
-
-def _top_level(shape: str) -> list[str]:
-  """Top-level elements of a tuple shape `(a, (b, c))` -> ['a', '(b, c)']; a non-tuple -> [it]."""
-  shape = shape.strip()
-  if not shape.startswith("("):
-    return [shape]
-  parts, depth, start = [], 0, 1
-  for i, ch in enumerate(shape):
-    if ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth -= 1
-      if depth == 0:
-        parts.append(shape[start:i])
-    elif ch == "," and depth == 1:
-      parts.append(shape[start:i])
-      start = i + 1
-  return [p.strip() for p in parts if p.strip()]
-
-
-_COLLECTIVE_RE = re.compile(
-  r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+(?P<op>"
-  + "|".join(COLLECTIVES)
-  + r")(?P<start>-start)?\("
-)
-
-
-def hlo_collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
-  """`{kind: (count, bytes per device)}` of the collectives in an optimized (per-device) HLO.
-
-  An async `*-start` op counts once (its `*-done` is skipped); its bytes are the result's:
-  for all-gather and collective-permute the output half of the `(operands, outputs)` tuple.
-  Ops inside a while-loop body count once.
-  """
-  found: dict[str, list[int]] = {}
-  for line in hlo_text.splitlines():
-    m = _COLLECTIVE_RE.match(line)
-    if not m:
-      continue
-    op, shape = m["op"], m["shape"]
-    if m["start"] and op in ("all-gather", "collective-permute"):
-      elements = _top_level(shape)
-      shape = elements[1] if len(elements) > 1 else elements[0]
-    entry = found.setdefault(op, [0, 0])
-    entry[0] += 1
-    entry[1] += _array_bytes(shape)
-  return {k: (v[0], v[1]) for k, v in found.items()}
-
-
-@dataclasses.dataclass
-class StepSpec:
-  """One step to compile.
-
-  Attributes:
-    name: report name ('fae', 'pixel', ...).
-    fn: the jitted function (explicit shardings).
-    args: abstract arguments (`jax.ShapeDtypeStruct`s with shardings).
-    num_params: parameters the step trains (or, for inference, uses).
-    global_batch: examples per call.
-    analytic_flops: analytic FLOPs per call, whole slice (the MFU convention).
-    images_per_call: images a call produces/consumes for images/s (sampler steps: a fraction).
-    fix_keys: config keys the fit message names: {'train': 'fae.train', 'remat': ...}.
-  """
-
-  name: str
-  fn: Any
-  args: tuple[Any, ...]
-  num_params: int
-  global_batch: int
-  analytic_flops: float
-  images_per_call: float
-  fix_keys: dict[str, str]
-
-
-@dataclasses.dataclass
-class StepReport:
-  name: str
-  num_params: int
-  global_batch: int
-  argument_bytes: int
-  output_bytes: int
-  alias_bytes: int
-  temp_bytes: int
-  code_bytes: int
-  hbm_bytes: int
-  xla_flops: float  # whole slice
-  analytic_flops: float
-  bytes_accessed: float  # per device
-  collectives: dict[str, tuple[int, int]]
-  roofline_s: float
-  images_per_s: float
-  compile_s: float
-  fix_keys: dict[str, str]
-
-  @property
-  def peak_bytes(self) -> int:
-    """Bytes per device: arguments + outputs not aliased to them + temporaries + code."""
-    return (
-      self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
-    )
-
-  @property
-  def fits(self) -> bool:
-    return self.peak_bytes <= self.hbm_bytes
-
-  def fix(self, mesh: Mesh) -> str:
-    """What to change when the step does not fit (empty when it fits)."""
-    if self.fits:
-      return ""
-    over = self.peak_bytes / self.hbm_bytes
-    fsdp, n = int(mesh.shape["fsdp"]), int(mesh.devices.size)
-    if self.argument_bytes > 0.5 * self.hbm_bytes and fsdp < n:
-      wider = min(n, fsdp * 2 ** int(np.ceil(np.log2(max(over * 1.3, 2.0)))))
-      return (
-        f"{self.name}: parameters/optimizer state take {self.argument_bytes / 2**30:.1f} GiB per "
-        f"device: shard them over more devices with --config.mesh.fsdp={wider} (FSDP), or widen "
-        f"the FSDP rule ({self.fix_keys.get('train', '<stage>.train')}.fsdp_rules / "
-        "fsdp_min_size)."
-      )
-    train = self.fix_keys.get("train")
-    k = 2 ** int(np.ceil(np.log2(max(over * 1.5, 2.0))))
-    parts = []
-    if "remat" in self.fix_keys:
-      parts.append(f"--config.{self.fix_keys['remat']}=True (remat)")
-    if train:
-      parts.append(f"--config.{train}.grad_accum_steps={k} (accumulation)")
-    parts.append(f"a global batch of {self.global_batch // k} (batch)")
-    return (
-      f"{self.name}: activations take {self.temp_bytes / 2**30:.1f} GiB per device "
-      f"({self.peak_bytes / 2**30:.1f} GiB > {self.hbm_bytes / 2**30:.0f} GiB HBM): set "
-      + ", or ".join(parts)
-      + "."
-    )
-
-
-def compile_step(spec: StepSpec, chip: tpu_chips.TpuChip, num_devices: int) -> StepReport:
-  """Lowers and compiles `spec` for the slice and reads XLA's memory, cost and HLO."""
-  t0 = time.perf_counter()
-  compiled = spec.fn.lower(*spec.args).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  if isinstance(cost, list | tuple):  # older jax: one dict per program
-    cost = cost[0]
-  flops = float(cost.get("flops", 0.0))
-  accessed = float(cost.get("bytes accessed", 0.0))
-  roofline = max(flops / chip.peak_bf16_flops, accessed / chip.hbm_bytes_per_s)
-  return StepReport(
-    name=spec.name,
-    num_params=spec.num_params,
-    global_batch=spec.global_batch,
-    argument_bytes=int(mem.argument_size_in_bytes),
-    output_bytes=int(mem.output_size_in_bytes),
-    alias_bytes=int(mem.alias_size_in_bytes),
-    temp_bytes=int(mem.temp_size_in_bytes),
-    code_bytes=int(mem.generated_code_size_in_bytes),
-    hbm_bytes=chip.hbm_bytes,
-    xla_flops=flops * num_devices,
-    analytic_flops=spec.analytic_flops,
-    bytes_accessed=accessed,
-    collectives=hlo_collectives(compiled.as_text()),
-    roofline_s=roofline,
-    images_per_s=spec.images_per_call / roofline if roofline > 0 else float("inf"),
-    compile_s=compile_s,
-    fix_keys=spec.fix_keys,
-  )
-
-
 # ----------------------------------------------------------------------------------------------
 # The stages' steps, built from the config with abstract inputs.
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +132,7 @@ def _train_step(
 ) -> StepSpec:
   """The train loop's jitted step around `loss_fn`, with abstract state, batch and frozen args."""
   tx, schedule = optim.make_optimizer(train_cfg)
-  abstract, shardings = loop.abstract_train_state(
+  abstract, shardings = train_state.abstract_train_state(
     config=train_cfg, mesh=mesh, init_params_fn=init_params_fn, tx=tx
   )
   extra, extra_shardings = ((), ())
@@ -673,64 +475,6 @@ def _flow_sampler(name, config, mesh, params, model, flops) -> StepSpec:
 # ----------------------------------------------------------------------------------------------
 # The report.
 # ----------------------------------------------------------------------------------------------
-
-
-def _gib(n: float) -> str:
-  return f"{n / 2**30:.2f}"
-
-
-def _collectives_str(c: dict[str, tuple[int, int]]) -> str:
-  if not c:
-    return "none"
-  return ", ".join(f"{k} x{n} ({b / 2**20:.0f} MiB)" for k, (n, b) in sorted(c.items()))
-
-
-def format_table(reports: Sequence[StepReport], topology: str, mesh: Mesh) -> str:
-  chip = tpu_chips.chip_by_name(topology)
-  head = (
-    f"{topology}: {mesh.devices.size} chips ({chip.name}: {chip.hbm_bytes / 2**30:.0f} GiB HBM, "
-    f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_s / 1e9:.0f} GB/s; "
-    f"{chip.source}), mesh {dict(mesh.shape)}"
-  )
-  cols = (
-    "step",
-    "params",
-    "batch",
-    "args GiB",
-    "out GiB",
-    "temp GiB",
-    "code GiB",
-    "peak GiB/dev",
-    "fits",
-    "XLA TFLOP/step",
-    "analytic TFLOP/step",
-    "roofline ms",
-    "img/s",
-    "collectives (per device)",
-  )
-  rows = []
-  for r in reports:
-    rows.append(
-      (
-        r.name,
-        f"{r.num_params / 1e6:.1f}M",
-        str(r.global_batch),
-        _gib(r.argument_bytes),
-        _gib(r.output_bytes - r.alias_bytes),
-        _gib(r.temp_bytes),
-        _gib(r.code_bytes),
-        f"{_gib(r.peak_bytes)} / {chip.hbm_bytes / 2**30:.0f}",
-        "yes" if r.fits else "NO",
-        f"{r.xla_flops / 1e12:.1f}",
-        f"{r.analytic_flops / 1e12:.1f}",
-        f"{r.roofline_s * 1e3:.1f}",
-        f"{r.images_per_s:.0f}",
-        _collectives_str(r.collectives),
-      )
-    )
-  lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  lines += ["| " + " | ".join(row) + " |" for row in rows]
-  return "\n".join(lines)
 
 
 def run(

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from configs import demo
-from fae_jax import aot, tpu_chips
+from fae_jax import aot, aot_compile, tpu_chips
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 needs_libtpu = pytest.mark.skipif(
-  not aot.libtpu_available(),
+  not aot_compile.libtpu_available(),
   reason="libtpu is not installed (pip install -e '.[test]' pins libtpu==0.0.42.1): the TPU "
   "compiler is needed to compile for a TPU topology",
 )
@@ -51,7 +51,7 @@ def test_make_test_installs_libtpu(monkeypatch):
     importlib.metadata.version("pytest-xdist")  # a package only the test extra brings
   except importlib.metadata.PackageNotFoundError:
     pytest.skip("the test extra is not installed in this environment")
-  assert aot.libtpu_available(), (
+  assert aot_compile.libtpu_available(), (
     "the test extra is installed without libtpu: pip install -e '.[test]'"
   )
 
@@ -64,7 +64,7 @@ def _tiny_config(data: int, fsdp: int):
   return config
 
 
-def _shard_bytes(spec: aot.StepSpec) -> int:
+def _shard_bytes(spec: aot_compile.StepSpec) -> int:
   """Bytes one device holds of the train state (from the abstract arguments' shardings)."""
   total = 0
   for leaf in jax.tree.leaves(spec.args[0]):
@@ -77,7 +77,7 @@ def _shard_bytes(spec: aot.StepSpec) -> int:
 def compiled():
   """FAE (from the cache) and DiT train steps, on a data x fsdp mesh and a pure-data mesh."""
   chip = tpu_chips.chip_by_name(TOPOLOGY)
-  devices = aot.topology_devices(TOPOLOGY)
+  devices = aot_compile.topology_devices(TOPOLOGY)
   out = {}
   for data, fsdp in ((2, 2), (4, 1)):
     config = _tiny_config(data, fsdp)
@@ -86,13 +86,13 @@ def compiled():
     mesh = sharding.make_mesh(data, fsdp, devices)
     for name in ("fae", "diffusion"):
       spec = aot.build_step(name, config, mesh)
-      out[name, fsdp] = (spec, aot.compile_step(spec, chip, mesh.devices.size), mesh)
+      out[name, fsdp] = (spec, aot_compile.compile_step(spec, chip, mesh.devices.size), mesh)
   return out
 
 
 @needs_libtpu
 def test_topology_devices_are_the_slice():
-  devices = aot.topology_devices(TOPOLOGY)
+  devices = aot_compile.topology_devices(TOPOLOGY)
   assert len(devices) == 4
   assert tpu_chips.chip_for_device_kind(devices[0].device_kind).name == "v5e"
 
@@ -140,7 +140,7 @@ def test_collectives_in_the_hlo(compiled):
 @needs_libtpu
 def test_table_and_fix_message(compiled):
   spec, report, mesh = compiled["diffusion", 2]
-  table = aot.format_table([report], TOPOLOGY, mesh)
+  table = aot_compile.format_table([report], TOPOLOGY, mesh)
   assert "| diffusion |" in table and "yes" in table and "16 GiB" in table
   assert report.fix(mesh) == ""
   import dataclasses
@@ -163,7 +163,7 @@ def test_hlo_collective_parser():
     %fusion = f32[4]{0} fusion(%all-reduce.1), kind=kLoop
     """
   )
-  got = aot.hlo_collectives(hlo)
+  got = aot_compile.hlo_collectives(hlo)
   assert got == {
     "all-gather": (1, 32 * 128 * 2),
     "all-reduce": (1, 16 * 4),
@@ -207,7 +207,7 @@ def test_every_step_lowers_for_the_slice():
   config.pixel.loss.perceptual = "dino"
   config.pixel.loss.perc_weight = 1.0
   config.pixel.loss.gan_weight = 0.1
-  mesh = aot.sharding_lib.make_mesh(2, 2, aot.topology_devices(TOPOLOGY))
+  mesh = aot.sharding_lib.make_mesh(2, 2, aot_compile.topology_devices(TOPOLOGY))
   for name in aot.STEPS:
     spec = aot.build_step(name, config, mesh)
     text = spec.fn.lower(*spec.args).as_text()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from fae_jax.data import array_cache
+from fae_jax.data import array_cache, cache_integrity
 
 SPEC = {"features": ((3, 4), "bfloat16"), "label": ((), "int32"), "id": ((), "int64")}
 TOTAL, PER_SHARD = 23, 5  # 5 shards, the last one short (3 examples).
@@ -323,8 +323,8 @@ def test_each_shard_is_hashed_once(tmp_path, monkeypatch):
   directory = tmp_path / "cache"
   _write_all(directory, _examples()).finalize()
   calls = []
-  real = array_cache.file_sha256
-  monkeypatch.setattr(array_cache, "file_sha256", lambda p: calls.append(p) or real(p))
+  real = cache_integrity.file_sha256
+  monkeypatch.setattr(cache_integrity, "file_sha256", lambda p: calls.append(p) or real(p))
   array_cache.CacheSource(directory)
   assert len(calls) == 5
   array_cache.CacheSource(directory)

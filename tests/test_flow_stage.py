@@ -11,8 +11,9 @@ from etils import epath
 
 from configs import imagenet
 from fae_jax import artifacts, main
+from fae_jax.evaluation import generators as eval_generators
 from fae_jax.models import tarflow
-from fae_jax.stages import evaluate, flow
+from fae_jax.stages import flow
 
 
 def tiny_flow_config(make_config, generators=("flow",)):
@@ -73,6 +74,6 @@ def test_model_config_derives_geometry_and_rejects_derived_keys():
 
 
 def test_flow_settings():
-  s = evaluate.flow_settings(imagenet.get_config())
+  s = eval_generators.flow_settings(imagenet.get_config())
   assert s["unguided"]["guidance_scale"] == 1.0 and s["guided"]["guidance_scale"] > 1.0
   assert s["guided"]["temperature"] == s["unguided"]["temperature"]

@@ -11,6 +11,7 @@ from fae_jax import artifacts, fid, main
 from fae_jax import report as report_lib
 from fae_jax.data import array_cache, feature_cache, sources
 from fae_jax.evaluation import adm_npz, generative, linear_probe, sample_shards
+from fae_jax.evaluation import generators as eval_generators
 from fae_jax.stages import StageContext, diffusion, evaluate, latents
 
 
@@ -162,7 +163,7 @@ def test_balanced_labels_and_sampler_settings():
   assert np.bincount(labels).tolist() == [3, 3, 3, 3] and (np.diff(labels) >= 0).all()
   with pytest.raises(ValueError, match="multiple"):
     evaluate.balanced_labels(10, 4)
-  s = evaluate.sampler_settings(demo.get_config())
+  s = eval_generators.sampler_settings(demo.get_config())
   assert s["unguided"]["bands"] == () and s["guided"]["bands"]
 
 

@@ -52,7 +52,6 @@ their shards before `finalize()` runs on process 0, so the caller syncs hosts fi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -66,6 +65,13 @@ from array_record.python import array_record_data_source, array_record_module
 from etils import epath
 
 from fae_jax import fileio
+from fae_jax.data.cache_integrity import (
+  CorruptCacheError,
+  checksum_sidecar,
+  file_sha256,
+  verified_marker,
+  verify_shards,
+)
 
 FORMAT = "fae_jax.array_cache"
 VERSION = 1
@@ -182,86 +188,6 @@ def _check_metadata(
       )
 
 
-_HASH_CHUNK = 8 << 20
-VERIFIED_DIR = ".verified"
-
-
-class CorruptCacheError(ValueError):
-  """Shards whose bytes do not match the manifest's checksums (truncated or corrupted)."""
-
-  def __init__(self, directory: epath.Path, bad: Mapping[int, str], stage: str):
-    self.directory, self.bad, self.stage = directory, dict(bad), stage
-    lines = "; ".join(f"shard {s}: {why}" for s, why in sorted(self.bad.items()))
-    super().__init__(
-      f"cache at {directory}: {len(self.bad)} shard(s) are truncated or corrupted ({lines}). "
-      f"Rerun the {stage} stage: it re-encodes only these shards and keeps the good ones "
-      f"(or delete {directory} to rebuild it all)."
-    )
-
-
-def file_sha256(path: epath.PathLike) -> str:
-  h = hashlib.sha256()
-  with epath.Path(path).open("rb") as f:
-    while block := f.read(_HASH_CHUNK):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _checksum_sidecar(path: epath.Path) -> epath.Path:
-  return path.parent / f"{path.name}.sha256"
-
-
-def _verified_marker(directory: epath.Path, file: str) -> epath.Path:
-  return directory / VERIFIED_DIR / f"{file}.json"
-
-
-def _file_identity(path: epath.Path, sha256: str) -> dict[str, Any]:
-  stat = path.stat()
-  return {"sha256": sha256, "size": int(stat.length), "mtime": float(stat.mtime)}
-
-
-def verify_shards(
-  directory: str | os.PathLike, shards: Sequence[int] | None = None, *, manifest=None
-) -> dict[int, str]:
-  """Re-hashes shard files against the manifest; returns `{shard: reason}` for the bad ones.
-
-  Shards without a recorded checksum (caches written before checksums existed) are skipped.
-  A shard already verified with the same size and mtime is not hashed again.
-  """
-  directory = epath.Path(directory)
-  manifest = manifest or read_manifest(directory)
-  entries = manifest["shards"]
-  bad: dict[int, str] = {}
-  for shard in range(len(entries)) if shards is None else shards:
-    entry = entries[shard]
-    want = entry.get("sha256")
-    if not want:
-      continue
-    path = directory / entry["file"]
-    if not path.exists():
-      bad[shard] = f"{entry['file']} is missing"
-      continue
-    marker = _verified_marker(directory, entry["file"])
-    identity = _file_identity(path, want)
-    try:
-      if marker.exists() and json.loads(marker.read_text()) == identity:
-        continue
-    except (ValueError, OSError):
-      pass  # an unreadable marker only costs a re-hash
-    have = file_sha256(path)
-    if have != want:
-      bad[shard] = (
-        f"{entry['file']} has sha256 {have[:12]}..., the manifest {want[:12]}... "
-        f"({identity['size']:,} bytes)"
-      )
-      continue
-    try:
-      fileio.write_json_atomic(marker, identity)
-    except OSError:
-      pass  # a read-only cache is verified at every open instead
-  return bad
-
-
 def discard_shards(directory: str | os.PathLike, shards: Sequence[int]) -> None:
   """Deletes `shards` and the manifest, so a `CacheWriter` re-encodes exactly those shards.
 
@@ -273,11 +199,11 @@ def discard_shards(directory: str | os.PathLike, shards: Sequence[int]) -> None:
   for shard in shards:
     name = manifest["shards"][shard]["file"]
     (directory / name).unlink(missing_ok=True)
-    _verified_marker(directory, name).unlink(missing_ok=True)
+    verified_marker(directory, name).unlink(missing_ok=True)
   for shard, entry in enumerate(manifest["shards"]):
     if shard not in shards and entry.get("sha256"):
       # The good shards keep their checksums for the next finalize().
-      fileio.write_text_atomic(_checksum_sidecar(directory / entry["file"]), entry["sha256"])
+      fileio.write_text_atomic(checksum_sidecar(directory / entry["file"]), entry["sha256"])
   (directory / MANIFEST).unlink(missing_ok=True)
 
 
@@ -364,7 +290,7 @@ class ShardWriter:
       self._tmp.unlink(missing_ok=True)
       return
     # Checksum first: a shard file that exists under its final name always has its sidecar.
-    fileio.write_text_atomic(_checksum_sidecar(self.path), file_sha256(self._tmp))
+    fileio.write_text_atomic(checksum_sidecar(self.path), file_sha256(self._tmp))
     self._tmp.replace(self.path)
 
 
@@ -510,7 +436,7 @@ class CacheWriter:
     for s in range(self.num_shards):
       start, end = self.shard_range(s)
       path = self.shard_path(s)
-      sidecar = _checksum_sidecar(path)
+      sidecar = checksum_sidecar(path)
       # A shard from before checksums existed (a resumed old cache) is hashed here.
       sha = sidecar.read_text().strip() if sidecar.exists() else file_sha256(path)
       shards.append({"file": shard_name(s, self.num_shards), "count": end - start, "sha256": sha})
@@ -556,7 +482,7 @@ class CacheSource:
     if expected_metadata is not None:
       _check_metadata(directory, self.metadata, expected_metadata, stage=stage, exact=False)
     if verify:
-      bad = verify_shards(self.directory, manifest=self.manifest)
+      bad = verify_shards(self.directory, self.manifest)
       if bad:
         raise CorruptCacheError(self.directory, bad, stage)
     self.fields = _spec_from_json(self.manifest["spec"])

@@ -54,12 +54,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
 from etils import epath
-from jax.sharding import Mesh
 
 from fae_jax import artifacts, encoder_checkpoint, multihost, sharding
 from fae_jax import report as report_lib
@@ -70,27 +68,23 @@ from fae_jax.evaluation import (
   adm_npz,
   frechet,
   generative,
+  generators,
   grids,
   inception_features,
   linear_probe,
   sample_shards,
 )
 from fae_jax.fileio import write_json_atomic
-from fae_jax.flow_matching import dit_sampler
-from fae_jax.models import dit as dit_model
-from fae_jax.models import tarflow
 from fae_jax.stages.context import StageContext
-from fae_jax.tarflow import sampler as tarflow_sampler
 
 NAME = "evaluate"
 OUTPUT = "eval"
 METRICS = "metrics.json"
 HELD_OUT = "held_out"
 INCEPTION_KEYS = inception_features.OUTPUTS
-
-# A generator for evaluation: `(rng, labels [B]) -> normalised latents [B, h, w, c]` given its
-# guidance setting (the latent statistics undo the normalisation).
-SampleFn = dit_sampler.SampleFn
+GENERATORS = generators.GENERATORS
+SampleFn = generators.SampleFn
+sampling_mesh = generators.sampling_mesh
 
 
 def is_complete(ctx: StageContext) -> bool:
@@ -104,20 +98,6 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
       f"config.evaluate.num_samples={num_samples} is not a multiple of the {num_classes} classes."
     )
   return np.repeat(np.arange(num_classes, dtype=np.int32), num_samples // num_classes)
-
-
-def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
-  ev = config.evaluate
-  out = {}
-  for name in ("unguided", "guided"):
-    s = ev[name]
-    out[name] = {
-      "method": s.method,
-      "num_steps": int(s.num_steps),
-      "bands": tuple(tuple(float(v) for v in band) for band in s.bands),
-      "diffusion_coeff": float(s.get("diffusion_coeff", 1.0)),
-    }
-  return out
 
 
 def generate_images(
@@ -200,118 +180,6 @@ def fd(a: np.ndarray, b: np.ndarray) -> float:
       frechet.FeatureStats.from_features(a), frechet.FeatureStats.from_features(b)
     )
   )
-
-
-def diffusion_generators(
-  ctx: StageContext,
-) -> dict[str, tuple[dit_model.Dit, Any, dict[str, np.ndarray], dict[str, Any]]]:
-  """`{"trained": (model, params, stats, meta), "untrained": (...)}` for the DiT; `meta` is the
-  export's `model.json` (both entries share it), `stats` its per-channel latent statistics."""
-  params, mcfg, meta = artifacts.load_export(
-    "diffusion", artifacts.export_dir(ctx.input_root("diffusion"), "diffusion")
-  )
-  model = dit_model.Dit(mcfg, dtype=jnp.dtype(ctx.config.diffusion.dtype))
-  stats = {k: np.asarray(v, np.float32) for k, v in meta["latent_stats"].items()}
-  x0 = jnp.zeros((1, mcfg.input_size, mcfg.input_size, mcfg.in_channels))
-  fresh = jax.jit(
-    lambda k: model.init(k, x0, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), train=False)
-  )(jax.random.key(ctx.config.seed + 1))["params"]
-  return {"trained": (model, params, stats, meta), "untrained": (model, fresh, stats, meta)}
-
-
-# One evaluation run: `(which, setting, () -> SampleFn)`; which is 'trained' or 'untrained' (the
-# freshly initialised reference, unguided only); the sampler is built when the run starts.
-Run = tuple[str, str, Callable[[], SampleFn]]
-
-
-def diffusion_runs(ctx: StageContext) -> tuple[list[Run], dict[str, np.ndarray], dict[str, Any]]:
-  """The DiT's runs (trained x each setting, untrained unguided), its latent statistics and the
-  sampler settings for the report."""
-  settings = sampler_settings(ctx.config)
-  gens = diffusion_generators(ctx)
-  shift = float(gens["trained"][3]["time_shift"])
-
-  def build(which: str, name: str) -> Callable[[], SampleFn]:
-    model, params, _, _ = gens[which]
-    return lambda: dit_sampler.make_sample_fn(
-      model, params, shift=shift, setting=settings[name], mesh=sampling_mesh()
-    )
-
-  pairs = [("trained", name) for name in settings] + [("untrained", "unguided")]
-  runs = [(which, name, build(which, name)) for which, name in pairs]
-  samplers = {k: {**v, "bands": [list(b) for b in v["bands"]]} for k, v in settings.items()}
-  return runs, gens["trained"][2], samplers
-
-
-def flow_settings(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
-  """`unguided` (guidance scale 1) and `guided` (`config.flow.sample.guidance_scale`)."""
-  s = config.flow.sample
-  common = {
-    "temperature": float(s.temperature),
-    "denoise": bool(s.denoise),
-    "cache": bool(s.get("cache", True)),
-  }
-  return {
-    "unguided": {**common, "guidance_scale": 1.0},
-    "guided": {**common, "guidance_scale": float(s.guidance_scale)},
-  }
-
-
-def make_flow_sampler(
-  model: tarflow.TarFlow, params: Any, *, setting: dict[str, Any], mesh
-) -> SampleFn:
-  """Jitted, batch-sharded sampling of normalised latents with the flow (replicated params)."""
-  scale = setting["guidance_scale"]
-  jitted = tarflow_sampler.make_sample_fn(
-    model,
-    mesh=mesh,
-    temperature=setting["temperature"],
-    guidance=None if scale == 1.0 else scale,
-    cache=setting["cache"],
-    denoise_step=setting["denoise"],
-  )
-  params = jax.device_put(params, sharding.replicated(mesh))
-  return lambda rng, labels: jitted(params, rng, labels)
-
-
-def flow_runs(ctx: StageContext) -> tuple[list[Run], dict[str, np.ndarray], dict[str, Any]]:
-  """The flow's runs (trained x each setting, untrained unguided: a fresh flow is the identity,
-  so that reference decodes Gaussian noise), its latent statistics and sampler settings."""
-  params, mcfg, meta = artifacts.load_export(
-    "flow", artifacts.export_dir(ctx.input_root("flow"), "flow")
-  )
-  model = tarflow.TarFlow(mcfg)
-  stats = {k: np.asarray(v, np.float32) for k, v in meta["latent_stats"].items()}
-  settings = flow_settings(ctx.config)
-  x0 = jnp.zeros((1, mcfg.input_size, mcfg.input_size, mcfg.in_channels))
-
-  def fresh() -> Any:
-    init = jax.jit(lambda k: model.init(k, x0, jnp.zeros((1,), jnp.int32))["params"])
-    return init(jax.random.key(ctx.config.seed + 1))
-
-  def build(which: str, name: str) -> Callable[[], SampleFn]:
-    def make() -> SampleFn:
-      p = params if which == "trained" else fresh()
-      return make_flow_sampler(model, p, setting=settings[name], mesh=sampling_mesh())
-
-    return make
-
-  pairs = [("trained", name) for name in settings] + [("untrained", "unguided")]
-  return [(which, name, build(which, name)) for which, name in pairs], stats, settings
-
-
-# The generators `config.evaluate.generators` may name (the stage that trains each):
-# name -> `(ctx) -> (runs, latent stats, sampler settings for the report)`.
-GENERATORS: dict[str, Callable[[StageContext], tuple[list[Run], dict[str, np.ndarray], Any]]] = {
-  "diffusion": diffusion_runs,
-  "flow": flow_runs,
-}
-
-
-def sampling_mesh() -> Mesh:
-  """This process's devices: each process samples its own shards at its own pace, without
-  collectives, so one slow or restarted host does not hold the others."""
-  return sharding.make_mesh(data=-1, fsdp=1, devices=jax.local_devices())
 
 
 def _padded_batches(x: np.ndarray, batch_size: int):
@@ -583,7 +451,9 @@ def run(ctx: StageContext) -> dict:
   writer = metric_writers.create_default_writer(str(out_dir), just_logging=jax.process_index() > 0)
   rng = jax.random.key(config.seed)
   for generator in ev.generators:
-    runs, stats, samplers = GENERATORS[generator](ctx)
+    runs, stats, samplers = GENERATORS[generator](
+      ctx.config, artifacts.export_dir(ctx.input_root(generator), generator)
+    )
     res: dict[str, Any] = {}
     for which, name, make_sample_fn in runs:
       key = name if which == "trained" else which

@@ -1,12 +1,18 @@
-"""The training state shared by every stage, and its EMA update."""
+"""The training state shared by every stage, its construction in its shardings, and the EMA update."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from fae_jax import sharding as sharding_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -71,3 +77,85 @@ def update_ema(ema_params: Any, params: Any, decay: jax.Array) -> Any:
     ema_params,
     params,
   )
+
+
+def _make_init_fn(
+  init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, use_ema: bool
+) -> Callable[[jax.Array, jax.Array], TrainState]:
+  def init(init_rng, train_rng):
+    params = init_params_fn(init_rng)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      # A distinct array, so donating the state never donates one buffer twice.
+      ema_params=jax.tree.map(lambda p: p + jnp.zeros_like(p), params) if use_ema else None,
+      rng=train_rng,
+    )
+
+  return init
+
+
+def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  init_key, train_key = jax.random.split(jax.random.key(seed))
+  return init_key, raw_key(train_key)
+
+
+def abstract_train_state(
+  *,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  init_params_fn: Callable[[jax.Array], Any],
+  tx: optax.GradientTransformation,
+  seed: int = 0,
+) -> tuple[TrainState, TrainState]:
+  """`(abstract_state, shardings)`: shapes from `jax.eval_shape`, shardings from the config."""
+  init = _make_init_fn(init_params_fn, tx, float(config.get("ema_decay", 0.0)) > 0)
+  abstract = jax.eval_shape(init, *_seed_keys(seed))
+  param_sh = sharding_lib.param_shardings(
+    abstract.params,
+    mesh,
+    tuple(config.get("fsdp_rules", (".*",))),
+    int(config.get("fsdp_min_size", 2**14)),
+  )
+  replicated = sharding_lib.replicated(mesh)
+  shardings = TrainState(
+    step=replicated,
+    params=param_sh,
+    opt_state=sharding_lib.opt_state_shardings(abstract.opt_state, abstract.params, param_sh, mesh),
+    ema_params=param_sh if abstract.ema_params is not None else None,
+    rng=replicated,
+  )
+  return abstract, shardings
+
+
+def create_train_state(
+  *,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  init_params_fn: Callable[[jax.Array], Any],
+  tx: optax.GradientTransformation,
+  seed: int = 0,
+  init_params: Any = None,
+  step_key: jax.Array | None = None,
+) -> tuple[TrainState, TrainState]:
+  """`(state, shardings)`: the initial state built directly in its shardings by a jitted init.
+
+  With `init_params` (a pytree shaped like `init_params_fn`'s output), the state starts from
+  those weights (placed by the shardings, passed to the jit as an argument: nothing is baked into
+  the executable) instead of a random init. `step_key` replaces the seed's key of the step keys.
+  """
+  abstract, shardings = abstract_train_state(
+    config=config, mesh=mesh, init_params_fn=init_params_fn, tx=tx, seed=seed
+  )
+  sharding_lib.log_sharding_table(shardings.params, abstract.params, "Parameter shardings")
+  use_ema = abstract.ema_params is not None
+  init_key, train_key = _seed_keys(seed)
+  if step_key is not None:
+    train_key = raw_key(step_key)
+  if init_params is None:
+    init = _make_init_fn(init_params_fn, tx, use_ema)
+    return jax.jit(init, out_shardings=shardings)(init_key, train_key), shardings
+  start = _make_init_fn(lambda params: params, tx, use_ema)
+  params = jax.device_put(init_params, shardings.params)
+  return jax.jit(start, out_shardings=shardings)(params, train_key), shardings

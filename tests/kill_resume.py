@@ -418,6 +418,20 @@ def compare(a: pathlib.Path, b: pathlib.Path, stages=PIPELINE) -> tuple[list[str
   return diffs, max_diff
 
 
+def table_from_logs(paths) -> str:
+  """The markdown table of the results (JSON lines) in these logs, in point and signal order."""
+  results = {}
+  for path in paths:
+    for line in pathlib.Path(path).read_text().splitlines():
+      if line.startswith("{"):
+        r = Result(**json.loads(line))
+        results[(r.point, r.signal)] = r
+  rows = [results[(p.id, s)].row() for p in POINTS for s in SIGNALS if (p.id, s) in results]
+  missing = [f"{p.id} SIG{s}" for p in POINTS for s in SIGNALS if (p.id, s) not in results]
+  table = "\n".join([TABLE_HEADER, *rows])
+  return table + (f"\n\nNot run: {', '.join(missing)}." if missing else "")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="/tmp/fae_jax_kill_resume")
@@ -425,7 +439,13 @@ def main() -> None:
   parser.add_argument("--signals", default="KILL,TERM")
   parser.add_argument("--out", default="", help="also write the markdown table here")
   parser.add_argument("--through-end", action="store_true", help="run every point to the end")
+  parser.add_argument(
+    "--table-from", nargs="*", default=None, help="only print the table of these runs' logs"
+  )
   args = parser.parse_args()
+  if args.table_from is not None:
+    print(table_from_logs(args.table_from))
+    return
   base = pathlib.Path(args.workdir)
   points = [POINTS_BY_ID[p] for p in args.points.split(",")] if args.points else list(POINTS)
   t0 = time.time()

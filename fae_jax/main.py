@@ -65,6 +65,14 @@ def check_stages(stages) -> None:
     )
 
 
+def _state(stage, ctx: StageContext) -> str:
+  """'done', 'unreported' (complete outputs, no report entry) or 'todo'."""
+  if not stage.is_complete(ctx):
+    return "todo"
+  recorded = report_lib.read_report(ctx.workdir).get("stage_seconds", {})
+  return "done" if stage.NAME in recorded else "unreported"
+
+
 def run_stages(config, workdir: epath.Path) -> dict:
   """Runs `config.stages` in order; returns the final report."""
   check_stages(config.stages)
@@ -78,9 +86,14 @@ def run_stages(config, workdir: epath.Path) -> dict:
   for name in config.stages:
     stage = STAGES[name]
     # One decision for all hosts (they could see the files differently), then all follow.
-    if multihost.decide_once(f"complete:{name}", lambda stage=stage: stage.is_complete(ctx)):
+    # Complete outputs whose report entry is missing (a run stopped between the two) run again:
+    # the stage resumes from its outputs and recomputes its values.
+    state = multihost.decide_once(f"complete:{name}", lambda stage=stage: _state(stage, ctx))
+    if state == "done":
       logging.info("Stage %s: already complete in %s, skipped.", name, workdir)
       continue
+    if state == "unreported":
+      logging.warning("Stage %s: complete, but not in the report: recomputing its values.", name)
     logging.info("Stage %s: starting.", name)
     t0 = time.time()
     values = stage.run(ctx)

@@ -41,6 +41,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from fae_jax import faults
+
 ENV_COORDINATOR = "FAE_JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "FAE_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "FAE_JAX_PROCESS_ID"
@@ -266,6 +268,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     return
   tmp = temp_path(path)
   tmp.write_bytes(data)
+  faults.point("atomic_write:before_replace", path)
   tmp.replace(path)
 
 
@@ -321,6 +324,7 @@ def committed_directory(
     directory.mkdir(parents=True, exist_ok=True)
   barrier(f"commit-begin:{directory}")
   yield directory
+  faults.point("export:before_commit", directory)
   barrier(f"commit-written:{directory}")
   if is_primary():
     write_text_atomic(directory / marker, marker_text)

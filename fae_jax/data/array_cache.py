@@ -64,7 +64,7 @@ import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 from etils import epath
 
-from fae_jax import fileio
+from fae_jax import faults, fileio
 from fae_jax.data.cache_integrity import (
   CorruptCacheError,
   checksum_sidecar,
@@ -291,7 +291,9 @@ class ShardWriter:
       return
     # Checksum first: a shard file that exists under its final name always has its sidecar.
     fileio.write_text_atomic(checksum_sidecar(self.path), file_sha256(self._tmp))
+    faults.point("cache:shard_before_rename", self.path)
     self._tmp.replace(self.path)
+    faults.point("cache:shard_done", self.path)
 
 
 class CacheWriter:

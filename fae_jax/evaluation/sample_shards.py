@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from fae_jax import multihost
+from fae_jax import faults, multihost
 
 INDEX_KEY = "index"
 PLAN_NAME = "plan.json"
@@ -160,6 +160,7 @@ def fill_shards(
       raise KeyError(f"{name}: make_shard({j}) returned no '{INDEX_KEY}' array.")
     _check_index(arrays[INDEX_KEY], start, stop, f"{name} shard {j}")
     write_shard(shard_path(directory, j), arrays)
+    faults.point("evaluate:shard_done", shard_path(directory, j))
     items += stop - start
     elapsed = time.time() - t0
     rate = items / max(elapsed, 1e-9)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from absl import logging
 
-from fae_jax import encoder_checkpoint
+from fae_jax import encoder_checkpoint, multihost
 from fae_jax.stages.context import StageContext
 
 NAME = "convert"
@@ -33,14 +33,16 @@ def run(ctx: StageContext) -> dict:
   from fae_jax.convert.encoder import convert_encoder
 
   enc = ctx.config.encoder
-  # Collective: process 0 reads the source, every process takes part in the save.
-  meta = convert_encoder(
-    enc.source,
-    ctx.encoder_dir,
-    variant=enc.variant,
-    num_registers=enc.num_registers,
-    seed=ctx.config.seed,
-  )
+  if multihost.decide_once("convert:saved", lambda: encoder_checkpoint.is_saved(ctx.encoder_dir)):
+    meta = encoder_checkpoint.load_metadata(ctx.encoder_dir)  # converted; rerun for the report
+  else:  # collective: process 0 reads the source, every process takes part in the save
+    meta = convert_encoder(
+      enc.source,
+      ctx.encoder_dir,
+      variant=enc.variant,
+      num_registers=enc.num_registers,
+      seed=ctx.config.seed,
+    )
   if meta["source"].get("random"):
     logging.warning("The encoder has RANDOM weights (config.encoder.source='random').")
   return {

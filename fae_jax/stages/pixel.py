@@ -52,7 +52,7 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
-from fae_jax import artifacts, inference, multihost, sharding
+from fae_jax import artifacts, faults, inference, multihost, sharding
 from fae_jax.convert import lpips as lpips_convert
 from fae_jax.data import feature_cache, paired_cache, pipeline, sources
 from fae_jax.evaluation import grids, reconstruction
@@ -427,6 +427,7 @@ def run(ctx: StageContext) -> dict:
       r.export(r.stage_dir / artifacts.EXPORT, finals[phase], state, phase)
     results.update(_loss_curve(ctx, phase))
     del state
+    faults.point("pixel:between_phases", phase)
 
   logging.info("pixel: evaluating on the held-out split")
   final_decoder = finals.get("finetune", finals.get("noisy"))

@@ -31,18 +31,15 @@ The host checks each step's loss one step late (after dispatching the next step)
 always has work queued; a non-finite loss raises `FloatingPointError` naming the step before any
 checkpoint of the broken state is written.
 
-Fault injection (the multi-host restart test): with `FAE_JAX_KILL_AT=<stage>:<step>:<process>` in
-the environment, every process waits after step `<step>` of `<stage>` until its checkpoints are
-written, the processes meet at a barrier, and process `<process>` kills itself with SIGKILL,
-like a host lost in the middle of training.
+Fault injection (`fae_jax.faults`, the restart tests): the kill points `train:<stage>:step` after
+each step (checkpoints finished first; with several processes all meet at a barrier, then the
+chosen one dies, like a host lost in the middle of training) and `train:<stage>:saving` right
+after an asynchronous checkpoint save has started.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -57,7 +54,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
-from fae_jax import multihost
+from fae_jax import faults
 from fae_jax import sharding as sharding_lib
 from fae_jax.train import checkpoint as ckpt_lib
 from fae_jax.train import metrics as metrics_lib
@@ -237,29 +234,6 @@ def _closing(writer: metric_writers.MetricWriter):
     writer.close()
 
 
-KILL_AT_ENV = "FAE_JAX_KILL_AT"
-
-
-def _maybe_kill(stage: str, step: int, ckpt: ckpt_lib.Checkpointer) -> None:
-  """The fault-injection hook of the module doc (a no-op unless `FAE_JAX_KILL_AT` is set)."""
-  spec = os.environ.get(KILL_AT_ENV)
-  if not spec:
-    return
-  kill_stage, kill_step, kill_process = spec.rsplit(":", 2)
-  if (kill_stage, int(kill_step)) != (stage, step):
-    return
-  ckpt.wait()  # every checkpoint so far is complete before anyone dies
-  multihost.barrier(f"kill-at:{stage}:{step}")
-  if jax.process_index() == int(kill_process):
-    logging.warning(
-      "%s: %s=%s: killing process %d now.", stage, KILL_AT_ENV, spec, int(kill_process)
-    )
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _format_metrics(metrics: Mapping[str, Any]) -> str:
   parts = []
   for k, v in sorted(metrics.items()):
@@ -428,7 +402,8 @@ def _run(
   logging.info("%s: training steps %d -> %d.", stage, start_step, num_steps)
 
   pending: tuple[int, Any] | None = None  # the last dispatched step, not yet checked
-  history: list[dict[str, np.ndarray]] = []  # checked host metrics since the last log
+  # Checked host metrics since the last log (a resumed run's window starts where it stopped).
+  history: list[dict[str, np.ndarray]] = metrics_lib.load_window(stage_dir, start_step)
   last_finite: tuple[int, dict[str, np.ndarray]] | None = None
   global_batch_size = 0
   peak: tuple[float, str] | None = None
@@ -546,9 +521,11 @@ def _run(
       preempted = preemption.requested or ckpt.reached_preemption(step)
       if step == num_steps or preempted or ckpt.should_save(step):
         check_pending()
-        ckpt.save(step, state, data_iter, saved_config, force=step == num_steps or preempted)
+        metrics_lib.save_window(stage_dir, step, history, ckpt.all_steps())
+        if ckpt.save(step, state, data_iter, saved_config, force=step == num_steps or preempted):
+          faults.point(f"train:{stage}:saving", step)
         reset_timer()
-      _maybe_kill(stage, step, ckpt)
+      faults.point(f"train:{stage}:step", step, before=ckpt.wait, collective=True)
       if preempted:
         ckpt.wait()
         writer.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from clu import metric_writers
 from etils import epath
 
@@ -83,3 +84,37 @@ def _loss_curve(path: epath.Path, key: str) -> dict[str, float]:
   if not values:
     return {}
   return {"train_loss_first": float(values[0]), "train_loss_last": float(values[-1])}
+
+
+# --- The open logging window of a checkpoint ------------------------------------------------------
+# A run resumed from a checkpoint between two logs (a preemption, or `checkpoint_every` not a
+# multiple of `log_every`) would log a window of fewer steps than a run never stopped: its
+# average, e.g. the final `train_loss_last` of the report, would differ. So each save writes the
+# per-step metrics logged since the last log to `<stage>/log_window/<step>.json` (before the
+# checkpoint, so a checkpoint never lacks it), and a resumed run starts its window from them.
+WINDOW_DIR = "log_window"
+
+
+def save_window(stage_dir: epath.PathLike, step: int, history, keep_steps=()) -> None:
+  """Writes the open window at `step` (process 0) and drops the windows of steps not in
+  `keep_steps` (the checkpoints still kept)."""
+  if not multihost.is_primary():
+    return
+  directory = epath.Path(stage_dir) / WINDOW_DIR
+  directory.mkdir(parents=True, exist_ok=True)
+  rows = [{k: np.asarray(v).tolist() for k, v in h.items()} for h in history]
+  multihost.write_text_atomic(directory / f"{int(step)}.json", json.dumps(rows))
+  keep = {int(s) for s in keep_steps} | {int(step)}
+  for path in directory.glob("*.json"):
+    if path.stem.isdigit() and int(path.stem) not in keep:
+      path.unlink(missing_ok=True)
+
+
+def load_window(stage_dir: epath.PathLike, step: int) -> list[dict[str, np.ndarray]]:
+  """The window saved with the checkpoint at `step` ([] when there is none)."""
+  path = epath.Path(stage_dir) / WINDOW_DIR / f"{int(step)}.json"
+  if not step or not path.exists():
+    return []
+  return [
+    {k: np.asarray(v, np.float64) for k, v in row.items()} for row in json.loads(path.read_text())
+  ]

@@ -23,7 +23,7 @@ from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fae_jax import fileio, multihost, sharding  # noqa: E402
+from fae_jax import config_checks, fileio, multihost  # noqa: E402
 from fae_jax import report as report_lib  # noqa: E402
 from fae_jax.stages import STAGES, StageContext  # noqa: E402
 from fae_jax.train.checkpoint import absolute_path  # noqa: E402
@@ -58,19 +58,17 @@ def log_devices() -> None:
 
 
 def check_stages(stages) -> None:
-  unknown = [s for s in stages if s not in STAGES]
-  if unknown:
-    raise app.UsageError(
-      f"config.stages names unknown stage(s) {unknown}; available: {list(STAGES)}."
-    )
+  problems = config_checks.check_stage_names(stages, STAGES)
+  if problems:
+    raise app.UsageError(problems[0])
 
 
 def run_stages(config, workdir: epath.Path) -> dict:
   """Runs `config.stages` in order; returns the final report."""
-  check_stages(config.stages)
+  # Every value wrong on its face fails here, before the workdir is touched.
+  mesh = config_checks.check_config(config, STAGES)
   workdir = absolute_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.mesh_from_config(config.mesh)
   logging.info("Mesh: %s", dict(mesh.shape))
   ctx = StageContext(config=config, workdir=workdir, mesh=mesh)
   if multihost.is_primary():

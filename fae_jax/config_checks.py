@@ -14,6 +14,8 @@ fix, and every problem is listed at once (one rerun fixes them all):
     the check each training stage repeats when it starts), by the devices for `encode`/`latents`,
     by this process's devices for `evaluate`'s sampling mesh;
   * `fae.model.latent_dim` < 1;
+  * the optimizer of each training stage (`optim.make_optimizer`'s checks: the schedule kind, a
+    cosine schedule no longer than its warmup);
   * a stage module's own `check_config(config)` when it defines one (e.g. `pixel`'s input and
     loss kinds), so those checks live next to the code they protect and still run up front.
 
@@ -32,6 +34,7 @@ from jax.sharding import Mesh
 
 from fae_jax import sharding
 from fae_jax.evaluation.generators import sampling_mesh
+from fae_jax.train import optim
 
 
 class ConfigError(ValueError):
@@ -130,6 +133,10 @@ def check_config(config: ml_collections.ConfigDict, stages: Mapping[str, Any]) -
         continue  # a disabled pixel phase trains nothing: its batch is never used
       if _at_least(config, f"{key}.batch_size", 1, problems) and mesh is not None:
         _divisible(int(get(config, f"{key}.batch_size")), mesh, f"{key}.batch_size", problems)
+      try:  # the optimizer's own checks (schedule kind, warmup shorter than the run)
+        optim.make_optimizer(get(config, key))
+      except ValueError as e:
+        problems.append(f"config.{key}: {e}")
   if {"encode", "latents"} & set(run):
     key = "encode.batch_size"
     if _at_least(config, key, 1, []) and mesh is not None:

@@ -116,11 +116,14 @@ def test_unknown_stage_and_every_problem_listed_at_once(tmp_path, tiny_pipeline_
 
 def test_stage_own_checks_run_up_front(tmp_path, tiny_pipeline_config):
   config = _config(tiny_pipeline_config)
+  config.diffusion.train.schedule = "cosine"
+  config.diffusion.train.num_steps = config.diffusion.train.warmup_steps = 4
   config.evaluate.generators = ("difusion",)
   config.pixel.loss.perceptual = "vgg"
   message = _refused(config, tmp_path)
   assert "config.evaluate.generators: unknown generator(s) ['difusion']" in message
   assert "config.pixel.loss.perceptual must be one of" in message
+  assert "config.diffusion.train: train.schedule='cosine' needs num_steps (4) > warmup" in message
 
 
 def test_existing_workdir_is_left_untouched(tmp_path, tiny_pipeline_config):
@@ -149,3 +152,11 @@ def test_every_sweep_field_is_a_config_key():
   base = common.base_config()
   for field, *_rest in common.SWEEPS.values():
     config_checks.get(base, field)  # KeyError names a sweep on a field that does not exist
+
+
+@pytest.mark.parametrize("name,arg", [("imagenet", "runlocal"), ("demo", "tiny")])
+def test_shipped_presets_pass(name, arg):
+  """The checks hold the shipped presets to the rules (they caught imagenet:runlocal's fae
+  warmup of 1000 steps in a 20-step run, which failed only when `fae` started)."""
+  module = __import__(f"configs.{name}", fromlist=["get_config"])
+  config_checks.check_config(module.get_config(arg), STAGES)

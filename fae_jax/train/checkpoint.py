@@ -75,7 +75,9 @@ def check_compatible(saved: Mapping[str, Any], target: Mapping[str, Any], where:
       f"Checkpoint {where} does not match the model/optimizer being trained:\n"
       + "\n".join(problems[:50])
       + ("\n  ..." if len(problems) > 50 else "")
-      + "\nUse the same model/optimizer config as the run that wrote it, or a fresh --workdir."
+      + "\nIt was written by a run with another model/optimizer config. Fix: go back to that "
+      "config, use a fresh --workdir, or rerun with --redo=<this stage> (fae_jax.main) to train "
+      "the stage again from scratch; the checkpoint is left as it is until then."
     )
 
 

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from fae_jax import sharding
+from fae_jax import sharding, storage_errors
 
 ITEMS = ("state", "data", "config")
 _policies = ocp.checkpoint_managers
@@ -161,7 +161,8 @@ class Checkpointer:
     }
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._storage("checkpoint save"):
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
       logging.info("Checkpoint: saving step %d to %s", step, self.directory)
     return saved
@@ -194,12 +195,26 @@ class Checkpointer:
       "config"
     ]
 
+  def _storage(self, what: str):
+    """Full disk / read-only storage -> `StorageError` (a save runs in the background, so its
+    failure surfaces at the next save, wait or close)."""
+    return storage_errors.writing(
+      what,
+      self.directory,
+      kept=f"The checkpoints already complete in {self.directory} are intact (a save is "
+      "visible only once whole).",
+    )
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._storage("checkpoint save"):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      with self._storage("checkpoint save"):
+        self._manager.wait_until_finished()
+    finally:
+      self._manager.close()
 
 
 class PreemptionFlag:

@@ -407,9 +407,9 @@ def check_config(config) -> None:
 def run(ctx: StageContext) -> dict:
   config = ctx.config
   ev = config.evaluate
+  check_config(config)  # before any work (main also runs it before the first stage)
   out_dir = ctx.workdir / OUTPUT
   out_dir.mkdir(parents=True, exist_ok=True)
-  check_config(config)
   ae = Autoencoder.load(
     ctx.workdir,
     encoder_dir=ctx.encoder_dir,

@@ -362,7 +362,10 @@ SWEEPS = {
 def sweep(name: str) -> list[dict]:
   """The points of sweep `name`: one dict per point, dotted config field -> value."""
   if name not in SWEEPS:
-    raise ValueError(f"Unknown sweep {name!r}; choose one of {sorted(SWEEPS)}.")
+    raise ValueError(
+      f"Unknown sweep {name!r}: not one of the sweeps of configs/common.py SWEEPS; choose one of "
+      f"{sorted(SWEEPS)} (--config=<file>.py:sweep=NAME)."
+    )
   field, values, _, _ = SWEEPS[name]
   return [{field: v} for v in values]
 

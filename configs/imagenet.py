@@ -88,6 +88,7 @@ def get_config(arg: str | None = None):
     config.data.num_workers = 0
     config.fae.train.num_steps = 20
     config.fae.train.batch_size = 16
+    config.fae.train.warmup_steps = 2  # the default 1000 exceeds the 20 steps: cosine refuses
     config.fae.train.log_every = 5
     config.fae.train.checkpoint_every = 10
     config.fae.eval.max_examples = 64

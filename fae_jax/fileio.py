@@ -9,7 +9,8 @@ which the next writer of that name ignores). Paths are `etils.epath` paths.
   write_text_atomic(path, text)     write_bytes_atomic(path, data)
   write_json_atomic(path, obj)      temp_path(path): the local sibling name, for streamed writers
 
-A file every host shares is written by one process (`multihost.is_primary()`).
+A file every host shares is written by one process (`multihost.is_primary()`). A full disk or a
+read-only location raises `storage_errors.StorageError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from etils import epath
 
-from fae_jax import multihost
+from fae_jax import multihost, storage_errors
 
 temp_path = multihost.temp_path
 
@@ -27,8 +28,9 @@ temp_path = multihost.temp_path
 def write_bytes_atomic(path: epath.PathLike, data: bytes) -> None:
   """Writes `data` to `path` (parent folders created) atomically (see the module doc)."""
   path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  multihost.write_bytes_atomic(path, data)
+  with storage_errors.writing("writing a file", path, kept=f"The previous {path.name} is intact."):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    multihost.write_bytes_atomic(path, data)
 
 
 def write_text_atomic(path: epath.PathLike, text: str) -> None:

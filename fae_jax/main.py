@@ -23,7 +23,7 @@ from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fae_jax import fileio, multihost, sharding  # noqa: E402
+from fae_jax import config_checks, fileio, multihost, stage_records  # noqa: E402
 from fae_jax import report as report_lib  # noqa: E402
 from fae_jax.stages import STAGES, StageContext  # noqa: E402
 from fae_jax.train.checkpoint import absolute_path  # noqa: E402
@@ -40,6 +40,12 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_REDO = flags.DEFINE_string(
+  "redo",
+  "",
+  "Redo this stage and everything downstream of it: their outputs in --workdir are deleted "
+  "(after the config checks pass) and made again with this config (fae_jax.stage_records).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,11 +64,9 @@ def log_devices() -> None:
 
 
 def check_stages(stages) -> None:
-  unknown = [s for s in stages if s not in STAGES]
-  if unknown:
-    raise app.UsageError(
-      f"config.stages names unknown stage(s) {unknown}; available: {list(STAGES)}."
-    )
+  problems = config_checks.check_stage_names(stages, STAGES)
+  if problems:
+    raise app.UsageError(problems[0])
 
 
 def _state(stage, ctx: StageContext) -> str:
@@ -73,12 +77,17 @@ def _state(stage, ctx: StageContext) -> str:
   return "done" if stage.NAME in recorded else "unreported"
 
 
-def run_stages(config, workdir: epath.Path) -> dict:
-  """Runs `config.stages` in order; returns the final report."""
-  check_stages(config.stages)
+def run_stages(config, workdir: epath.Path, redo: str = "") -> dict:
+  """Runs `config.stages` in order; returns the final report.
+
+  Before anything: the config's values (`config_checks`), then the workdir's per-stage config
+  records (`stage_records`; `redo` names a stage to make again with its downstream ones).
+  """
+  # Every value wrong on its face fails here, before the workdir is touched.
+  mesh = config_checks.check_config(config, STAGES)
   workdir = absolute_path(workdir)
+  stage_records.check(config, workdir, redo)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.mesh_from_config(config.mesh)
   logging.info("Mesh: %s", dict(mesh.shape))
   ctx = StageContext(config=config, workdir=workdir, mesh=mesh)
   if multihost.is_primary():
@@ -99,6 +108,7 @@ def run_stages(config, workdir: epath.Path) -> dict:
     values = stage.run(ctx)
     seconds = time.time() - t0
     report_lib.update_report(workdir, name, values, seconds)
+    stage_records.write(config, workdir, name)
     multihost.barrier(f"stage-done:{name}")  # the report and the stage's files are written
     logging.info("Stage %s: done in %.1f s: %s", name, seconds, json.dumps(values, default=str))
   return report_lib.read_report(workdir)
@@ -115,7 +125,7 @@ def main(argv):
   log_devices()
   logging.info("Config:\n%s", config)
   workdir = epath.Path(_WORKDIR.value)
-  report = run_stages(config, workdir)
+  report = run_stages(config, workdir, _REDO.value)
   if jax.process_index() == 0:
     print(f"\nOutputs in {workdir}:")
     for name in config.stages:

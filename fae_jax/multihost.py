@@ -267,7 +267,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path.write_bytes(data)  # one object upload: visible only once complete
     return
   tmp = temp_path(path)
-  tmp.write_bytes(data)
+  try:
+    tmp.write_bytes(data)
+  except BaseException:
+    tmp.unlink(missing_ok=True)  # a full disk: give back what the partial file took
+    raise
   faults.point("atomic_write:before_replace", path)
   tmp.replace(path)
 

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fae_jax import multihost
+from fae_jax import multihost, storage_errors
 
 PARAMS_NAME = "params"
 
@@ -51,10 +51,12 @@ def save_params(
   meta = dict(meta)
   meta["num_params"] = int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
   text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-  with multihost.committed_directory(directory, meta_name, text) as tmp:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save((tmp / PARAMS_NAME).resolve(), params)
-      ckptr.wait_until_finished()
+  kept = f"Nothing in {directory} counts until {meta_name} is written; the rerun writes it again."
+  with storage_errors.writing(f"saving {meta_name}'s parameters", directory, kept=kept):
+    with multihost.committed_directory(directory, meta_name, text) as tmp:
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((tmp / PARAMS_NAME).resolve(), params)
+        ckptr.wait_until_finished()
   return meta
 
 

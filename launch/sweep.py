@@ -75,7 +75,10 @@ def build_commands(
   module = load_config_module(path)
   if not sweep:
     raise SystemExit(f"--config={config_arg} names no sweep; add ':sweep=NAME'.")
-  all_points = module.sweep(sweep)
+  try:
+    all_points = module.sweep(sweep)
+  except ValueError as e:  # before any command is built or run
+    raise SystemExit(f"--config={config_arg}: {e} Nothing was run.") from None
   if points is not None:
     bad = [i for i in points if not 0 <= i < len(all_points)]
     if bad:

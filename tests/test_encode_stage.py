@@ -115,11 +115,15 @@ def test_cache_of_another_encoder_is_refused(tmp_path, tiny_encoder):
   config = tiny_config(num_examples=8, per_shard=8)
   _encode(config, tmp_path, tiny_encoder)
   other = dict(tiny_encoder[2], fingerprint="another")
-  with pytest.raises(ValueError, match="encoder_fingerprint"):
+  with pytest.raises(ValueError, match="encoder_fingerprint") as e:
     array_cache.CacheSource(
       feature_cache.cache_dir(tmp_path, "train"),
       expected_metadata=feature_cache.cache_metadata(config, other, "train"),
     )
+  message = str(e.value)  # the field with both values, and the fix
+  assert f"encoder_fingerprint={tiny_encoder[2]['fingerprint']!r}" in message
+  assert "encoder_fingerprint='another' is expected now" in message
+  assert "delete" in message and "rerun the" in message
 
 
 def test_run_stages_convert_encode_report_and_skip(tmp_path, monkeypatch):

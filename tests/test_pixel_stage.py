@@ -195,11 +195,11 @@ def test_config_errors_name_the_fix(tiny_pipeline_config):
   config = tiny_config(tiny_pipeline_config)
   config.pixel.loss.perceptual, config.pixel.loss.perc_weight = "lpips", 1.0
   with pytest.raises(ValueError, match="python -m fae_jax.convert lpips"):
-    pixel_stage._check_config(config)
+    pixel_stage.check_config(config)
   config = tiny_config(tiny_pipeline_config)
   config.pixel.noisy.train.num_steps = config.pixel.finetune.train.num_steps = 0
   with pytest.raises(ValueError, match="nothing to train"):
-    pixel_stage._check_config(config)
+    pixel_stage.check_config(config)
 
 
 def test_lpips_cli_converts_and_loads(tmp_path):

@@ -30,7 +30,9 @@ preprocessing, split, dataset name, ...), so a reader decodes without the writer
 
 Atomicity and resume: a shard is written to `.<final name>.tmp-<pid>`, closed, then renamed. On
 restart a writer skips the shards whose final file exists with the expected record count and
-deletes its own leftover temp files. While the cache is incomplete, each process also leaves a
+deletes its own leftover temp files. A full disk or read-only storage while a shard is written
+raises `storage_errors.StorageError` (the shard, the reason, the fix); its temp file is removed
+and the shard stays pending for the rerun. While the cache is incomplete, each process also leaves a
 `writer-<process_index>.json` signature (spec, sizes, metadata); a writer whose signature differs
 from any existing one refuses to resume, so shards from two encoder versions are never mixed.
 The manifest is written last, via temp file and rename, and the signatures are then removed.
@@ -64,7 +66,7 @@ import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 from etils import epath
 
-from fae_jax import faults, fileio
+from fae_jax import faults, fileio, storage_errors
 from fae_jax.data.cache_integrity import (
   CorruptCacheError,
   checksum_sidecar,
@@ -231,8 +233,13 @@ class ShardWriter:
     self._writer = None
     self.count = 0
 
+  def _storage(self):
+    kept = "Complete shards are intact; this one stays pending (its partial file is removed)."
+    return storage_errors.writing(f"cache shard {self.shard}", self.path, kept=kept)
+
   def __enter__(self) -> ShardWriter:
-    self._writer = array_record_module.ArrayRecordWriter(os.fspath(self._tmp), WRITER_OPTIONS)
+    with self._storage():
+      self._writer = array_record_module.ArrayRecordWriter(os.fspath(self._tmp), WRITER_OPTIONS)
     return self
 
   def write(self, batch: Mapping[str, np.ndarray]) -> None:
@@ -270,8 +277,9 @@ class ShardWriter:
       ],
       axis=1,
     )
-    for row in rows:
-      self._writer.write(row.tobytes())
+    with self._storage():
+      for row in rows:
+        self._writer.write(row.tobytes())
     self.count += size
 
   def __exit__(
@@ -281,7 +289,13 @@ class ShardWriter:
     tb: types.TracebackType | None,
   ) -> None:
     writer, self._writer = self._writer, None
-    writer.close()
+    try:
+      with self._storage():
+        writer.close()
+    except storage_errors.StorageError:
+      self._tmp.unlink(missing_ok=True)
+      if exc_type is None:
+        raise
     expected = self.end - self.start
     if exc_type is None and self.count != expected:
       self._tmp.unlink(missing_ok=True)

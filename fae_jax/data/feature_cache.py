@@ -15,7 +15,8 @@ again after it (no host reads the cache before its manifest exists). Each proces
 and example ids it owns (`<what> <split>: process p of P owns shards [...]`, then one line per
 shard with the ids it encoded), and the returned counts are summed over hosts.
 Resumable at shard granularity: after a restart, complete shards are skipped and a partial shard
-is rewritten from its start.
+is rewritten from its start. NaN/Inf computed outputs are refused shard by shard, with the example
+ids (`fae_jax.data.finite_check`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from absl import logging
 from etils import epath
 
 from fae_jax import multihost, sharding
-from fae_jax.data import array_cache, pipeline, sources
+from fae_jax.data import array_cache, finite_check, pipeline, sources
 from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
 
 ENCODE_STAGE = "encode"  # the stage that writes the feature cache, named in errors
@@ -238,7 +239,7 @@ def write_image_cache(
       process_count=1,
       source=source,
     )
-    ids = []
+    ids, bad, bad_fields = [], [], set()
     with writer.open_shard(shard) as out:
       for records in ds:
         # A local-mesh sharding: fine for host data with any process count (jit refuses numpy
@@ -252,9 +253,13 @@ def write_image_cache(
         row["label"] = np.asarray(records["label"], np.int32)[keep]
         row["id"] = np.asarray(records["id"], np.int64)[keep]
         row["valid"] = valid.astype(np.uint8)
+        ids_bad, fields = finite_check.bad_ids({k: row[k] for k in outputs}, row["id"])
+        bad.append(ids_bad)
+        bad_fields |= fields
         out.write(row)
         ids.append(row["id"])
         progress.update(int(keep.sum()))
+      finite_check.refuse(what, split_key, shard, bad, bad_fields, config)  # before the commit
     ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     logging.info(
       "%s %s: process %d wrote shard %d: %d examples, ids %s",

@@ -3,6 +3,8 @@
   NAME: str
   is_complete(ctx: StageContext) -> bool   # True when its outputs exist in full (then skipped)
   run(ctx: StageContext) -> dict            # does the work; returns values for report.json
+  check_config(config) -> None              # optional: raises ValueError on a bad value; run by
+                                            # fae_jax.config_checks before any stage starts
 
 Adding a stage = one module here plus one line in `STAGES` below.
 """

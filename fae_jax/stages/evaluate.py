@@ -387,22 +387,29 @@ def shard_rows(directory: epath.Path, shard_size: int, rows: np.ndarray, key: st
   return out
 
 
-def run(ctx: StageContext) -> dict:
-  config = ctx.config
+def check_config(config) -> None:
+  """The generators and metric inputs of `config.evaluate`; `fae_jax.config_checks` runs it
+  before any stage."""
   ev = config.evaluate
-  out_dir = ctx.workdir / OUTPUT
-  out_dir.mkdir(parents=True, exist_ok=True)
   unknown = [g for g in ev.generators if g not in GENERATORS]
   if unknown:
     raise ValueError(
       f"config.evaluate.generators: unknown generator(s) {unknown}; choose from "
       f"{tuple(GENERATORS)}."
     )
-  if ev.inception_dir and not ev.reference_npz:  # before any work
+  if ev.inception_dir and not ev.reference_npz:
     raise ValueError(
       "config.evaluate.inception_dir is set but config.evaluate.reference_npz is empty: give "
       "the ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) to compute FID against."
     )
+
+
+def run(ctx: StageContext) -> dict:
+  config = ctx.config
+  ev = config.evaluate
+  check_config(config)  # before any work (main also runs it before the first stage)
+  out_dir = ctx.workdir / OUTPUT
+  out_dir.mkdir(parents=True, exist_ok=True)
   ae = Autoencoder.load(
     ctx.workdir,
     encoder_dir=ctx.encoder_dir,

@@ -105,7 +105,8 @@ def phase_stage(phase: str) -> str:
   return f"{NAME}/{phase}"
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The kinds and phases of `config.pixel`; `fae_jax.config_checks` runs it before any stage."""
   p = config.pixel
   if p.input not in INPUTS:
     raise ValueError(f"config.pixel.input must be one of {INPUTS}, got {p.input!r}.")
@@ -273,7 +274,7 @@ class _Run:
 def _setup(ctx: StageContext) -> _Run:
   config = ctx.config
   p = config.pixel
-  _check_config(config)
+  check_config(config)
   encoder_params, spec, encoder_meta = artifacts.load_frozen_encoder(ctx.encoder_dir, ctx.config)
   decoder_cfg = decoder_config(config, spec)
   image_size = _data_image_size(config)

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from fae_jax import sharding
+from fae_jax import sharding, storage_errors
 
 ITEMS = ("state", "data", "config")
 _policies = ocp.checkpoint_managers
@@ -75,7 +75,9 @@ def check_compatible(saved: Mapping[str, Any], target: Mapping[str, Any], where:
       f"Checkpoint {where} does not match the model/optimizer being trained:\n"
       + "\n".join(problems[:50])
       + ("\n  ..." if len(problems) > 50 else "")
-      + "\nUse the same model/optimizer config as the run that wrote it, or a fresh --workdir."
+      + "\nIt was written by a run with another model/optimizer config. Fix: go back to that "
+      "config, use a fresh --workdir, or rerun with --redo=<this stage> (fae_jax.main) to train "
+      "the stage again from scratch; the checkpoint is left as it is until then."
     )
 
 
@@ -159,7 +161,8 @@ class Checkpointer:
     }
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._storage("checkpoint save"):
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
       logging.info("Checkpoint: saving step %d to %s", step, self.directory)
     return saved
@@ -192,12 +195,26 @@ class Checkpointer:
       "config"
     ]
 
+  def _storage(self, what: str):
+    """Full disk / read-only storage -> `StorageError` (a save runs in the background, so its
+    failure surfaces at the next save, wait or close)."""
+    return storage_errors.writing(
+      what,
+      self.directory,
+      kept=f"The checkpoints already complete in {self.directory} are intact (a save is "
+      "visible only once whole).",
+    )
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._storage("checkpoint save"):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      with self._storage("checkpoint save"):
+        self._manager.wait_until_finished()
+    finally:
+      self._manager.close()
 
 
 class PreemptionFlag:

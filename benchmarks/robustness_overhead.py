@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -28,21 +27,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from encoder_throughput import time_fn  # noqa: E402  (the script dir is on sys.path)
 
 from fae_jax import faults  # noqa: E402
 from fae_jax.convert.encoder import random_params  # noqa: E402
 from fae_jax.data import cache_integrity, finite_check  # noqa: E402
 from fae_jax.models.dinov2 import Dinov2, Dinov2Config  # noqa: E402
-
-
-def median_seconds(fn, iters: int) -> float:
-  fn()  # warm-up (compilation)
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main():
@@ -63,15 +53,15 @@ def main():
   outputs = {"patch": np.asarray(forward(params, images))}
   ids = np.arange(args.batch, dtype=np.int64)
 
-  t_encode = median_seconds(lambda: jax.device_get(forward(params, images)), args.iters)
-  t_finite = median_seconds(lambda: finite_check.bad_ids(outputs, ids), args.iters)
+  t_encode = time_fn(lambda: jax.device_get(forward(params, images)), args.iters)
+  t_finite = time_fn(lambda: finite_check.bad_ids(outputs, ids), args.iters)
   batches_per_shard = args.shard / args.batch
   shard_bytes = outputs["patch"].nbytes * batches_per_shard
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "shard")
     with open(path, "wb") as f:
       f.write(np.random.default_rng(1).bytes(int(shard_bytes)))
-    t_sha = median_seconds(lambda: cache_integrity.file_sha256(path), args.iters)
+    t_sha = time_fn(lambda: cache_integrity.file_sha256(path), args.iters)
   calls = 100_000
   t0 = time.perf_counter()
   for i in range(calls):

@@ -504,15 +504,23 @@ def run(
   return reports, mesh
 
 
+def summary(reports: Sequence[StepReport], topology: str, mesh: Mesh) -> tuple[str, bool]:
+  """The table, followed by a fix for each step that does not fit; and whether all fit."""
+  text = format_table(reports, topology, mesh)
+  fixes = [r.fix(mesh) for r in reports if not r.fits]
+  if fixes:
+    text += "\n\nDoes not fit:\n" + "\n".join(f"  * {f}" for f in fixes)
+  return text, not fixes
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   config = _CONFIG.value
   steps = [s.strip() for s in _STAGES.value.split(",") if s.strip()] if _STAGES.value else STEPS
   reports, mesh = run(config, _TOPOLOGY.value, steps)
-  print(format_table(reports, _TOPOLOGY.value, mesh))
-  fixes = [r.fix(mesh) for r in reports if not r.fits]
-  if fixes:
-    print("\nDoes not fit:\n" + "\n".join(f"  * {f}" for f in fixes))
+  text, all_fit = summary(reports, _TOPOLOGY.value, mesh)
+  print(text)
+  if not all_fit:
     sys.exit(1)
 
 

@@ -157,6 +157,7 @@ class StepReport:
   images_per_s: float
   compile_s: float
   fix_keys: dict[str, str]
+  compile_error: str = ""  # set when XLA refused to compile (out of HBM): no executable
 
   @property
   def peak_bytes(self) -> int:
@@ -167,7 +168,7 @@ class StepReport:
 
   @property
   def fits(self) -> bool:
-    return self.peak_bytes <= self.hbm_bytes
+    return not self.compile_error and self.peak_bytes <= self.hbm_bytes
 
   def fix(self, mesh: Mesh) -> str:
     """What to change when the step does not fit (empty when it fits)."""
@@ -191,18 +192,77 @@ class StepReport:
     if train:
       parts.append(f"--config.{train}.grad_accum_steps={k} (accumulation)")
     parts.append(f"a global batch of {self.global_batch // k} (batch)")
+    refused = " (XLA's TPU compiler refused the step: out of HBM)" if self.compile_error else ""
     return (
       f"{self.name}: activations take {self.temp_bytes / 2**30:.1f} GiB per device "
-      f"({self.peak_bytes / 2**30:.1f} GiB > {self.hbm_bytes / 2**30:.0f} GiB HBM): set "
+      f"({self.peak_bytes / 2**30:.1f} GiB > {self.hbm_bytes / 2**30:.0f} GiB HBM){refused}: set "
       + ", or ".join(parts)
       + "."
     )
 
 
+_OOM_RE = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _argument_shard_bytes(args: Any) -> int:
+  """Bytes one device holds of the abstract arguments (from their shardings)."""
+  total = 0
+  for leaf in jax.tree.leaves(args):
+    sharding = getattr(leaf, "sharding", None)
+    shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+    total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _out_of_memory_report(
+  spec: StepSpec, chip: tpu_chips.TpuChip, num_devices: int, error: Exception, compile_s: float
+) -> StepReport:
+  """The report of a step XLA's TPU compiler refused for lack of HBM.
+
+  The compiler stops before it has an executable, so there is no memory or cost analysis: the
+  temporaries come from its message, the arguments from the abstract inputs' shardings, and the
+  roofline from the analytic FLOPs (compute-bound estimate).
+  """
+  m = _OOM_RE.search(str(error))
+  temp = int(float(m[1]) * _UNITS[m[2]]) if m else 0
+  roofline = spec.analytic_flops / (chip.peak_bf16_flops * num_devices)
+  return StepReport(
+    name=spec.name,
+    num_params=spec.num_params,
+    global_batch=spec.global_batch,
+    argument_bytes=_argument_shard_bytes(spec.args),
+    output_bytes=0,
+    alias_bytes=0,
+    temp_bytes=temp if m else chip.hbm_bytes,  # unknown, but over
+    code_bytes=0,
+    hbm_bytes=chip.hbm_bytes,
+    xla_flops=float("nan"),
+    analytic_flops=spec.analytic_flops,
+    bytes_accessed=float("nan"),
+    collectives={},
+    roofline_s=roofline,
+    images_per_s=spec.images_per_call / roofline if roofline > 0 else float("inf"),
+    compile_s=compile_s,
+    fix_keys=spec.fix_keys,
+    compile_error=str(error).strip().splitlines()[0][:400],
+  )
+
+
 def compile_step(spec: StepSpec, chip: tpu_chips.TpuChip, num_devices: int) -> StepReport:
-  """Lowers and compiles `spec` for the slice and reads XLA's memory, cost and HLO."""
+  """Lowers and compiles `spec` for the slice and reads XLA's memory, cost and HLO.
+
+  A step that XLA's TPU compiler refuses for lack of HBM (`RESOURCE_EXHAUSTED`) is reported as
+  not fitting (with `compile_error` set) instead of raising, so the table and the fix message
+  still come out; any other compiler error propagates.
+  """
   t0 = time.perf_counter()
-  compiled = spec.fn.lower(*spec.args).compile()
+  try:
+    compiled = spec.fn.lower(*spec.args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return _out_of_memory_report(spec, chip, num_devices, e, time.perf_counter() - t0)
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -278,11 +338,11 @@ def format_table(reports: Sequence[StepReport], topology: str, mesh: Mesh) -> st
         _gib(r.code_bytes),
         f"{_gib(r.peak_bytes)} / {chip.hbm_bytes / 2**30:.0f}",
         "yes" if r.fits else "NO",
-        f"{r.xla_flops / 1e12:.1f}",
+        "n/a (not compiled)" if r.compile_error else f"{r.xla_flops / 1e12:.1f}",
         f"{r.analytic_flops / 1e12:.1f}",
         f"{r.roofline_s * 1e3:.1f}",
         f"{r.images_per_s:.0f}",
-        _collectives_str(r.collectives),
+        "n/a (not compiled)" if r.compile_error else _collectives_str(r.collectives),
       )
     )
   lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

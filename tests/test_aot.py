@@ -217,3 +217,22 @@ def test_every_step_lowers_for_the_slice():
       # decoder + discriminator trained; the frozen DINOv2 is an argument, not a trained param
       assert set(spec.args[0].params) == {"decoder", "disc"}
       assert "encoder" in spec.args[2][0]
+
+
+@needs_libtpu
+def test_a_step_the_compiler_refuses_is_reported_with_its_fix():
+  """XLA's TPU compiler itself refuses a step whose temporaries exceed HBM (RESOURCE_EXHAUSTED,
+  no executable): the report says it does not fit, with the temporaries from the compiler's
+  message and a fix naming accumulation, instead of a traceback."""
+  config = _tiny_config(4, 1)
+  config.diffusion.train.batch_size = 2**20  # ~60 GiB of activations per v5e chip (16 GiB)
+  reports, mesh = aot.run(config, TOPOLOGY, ["diffusion"], log=lambda _: None)
+  (report,) = reports
+  assert "RESOURCE_EXHAUSTED" in report.compile_error
+  assert not report.fits
+  assert report.temp_bytes > tpu_chips.chip_by_name(TOPOLOGY).hbm_bytes
+  assert report.argument_bytes > 0 and report.roofline_s > 0
+  text, all_fit = aot.summary(reports, TOPOLOGY, mesh)
+  assert not all_fit
+  assert "| diffusion |" in text and "NO" in text and "n/a (not compiled)" in text
+  assert "refused" in text and "--config.diffusion.train.grad_accum_steps=" in text

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from fae_jax import sharding
 from fae_jax.train import checkpoint as ckpt_lib
 from fae_jax.train import loop, mfu, optim
+from fae_jax.train import metrics as train_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N = 8  # steps of the resume / preemption runs
@@ -228,6 +229,30 @@ def test_loop_traces_once_and_logs_metrics(straight_run):
     )
     assert 0 < scalars[step]["perf/mfu"] < 1
   assert straight_run.writer.histograms[8]["train/per_example"].shape == (toy.BATCH,)
+
+
+def test_loop_writes_its_time_split(straight_run):
+  """At the last step the loop writes where its wall time went (`time/<kind>_s`): every kind
+  present, none negative, the kinds adding up to the total."""
+  final = straight_run.writer.scalars[N]
+  kinds = (*train_metrics.TimeSplit.KINDS, "other")
+  split = {k: final[f"time/{k}_s"] for k in kinds}
+  assert all(v >= 0 for v in split.values()), split
+  assert split["compile"] > 0 and split["step"] > 0 and split["checkpoint"] > 0, split
+  assert sum(split.values()) == pytest.approx(final["time/total_s"], rel=1e-6)
+  # Compilation (the first step) is by far the slowest part of this tiny loop.
+  assert split["compile"] > split["step"] / (N - 1), split
+
+
+def test_time_split_format():
+  split = train_metrics.TimeSplit()
+  split.add("data", 1.0)
+  with split.timed("step"):
+    pass
+  text = split.format()
+  assert "data 1.0 s" in text and "compile" not in text and text.endswith(")")
+  totals = split.totals()
+  assert totals["data"] == 1.0 and totals["total"] >= 0
 
 
 def test_rerun_of_finished_stage_returns_immediately(straight_run):

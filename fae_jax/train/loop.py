@@ -409,6 +409,7 @@ def _run(
   peak: tuple[float, str] | None = None
   timer = {"start": time.perf_counter(), "steps": 0}
   run_start = time.perf_counter()
+  split = metrics_lib.TimeSplit()
 
   def check_pending() -> None:
     """Waits for the last dispatched step and stops on a non-finite loss or gradient."""
@@ -475,7 +476,8 @@ def _run(
         tracing = True
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         try:
-          local_batch = next(data_iter)
+          with split.timed("data"):
+            local_batch = next(data_iter)
         except StopIteration:
           raise RuntimeError(
             f"{stage}: the data iterator ended at step {step} of {num_steps}; training data "
@@ -492,26 +494,33 @@ def _run(
               f"({local_size} per process x {jax.process_count()}), but train.batch_size is "
               f"{expected}; build the pipeline from train.batch_size // jax.process_count()."
             )
-        batch = sharding_lib.global_batch(local_batch, mesh)
-        state, metrics = train_step(state, batch, extra_args)
+        with split.timed("compile" if step == start_step else "step"):
+          batch = sharding_lib.global_batch(local_batch, mesh)
+          state, metrics = train_step(state, batch, extra_args)
       if tracing and (step + 1 not in profile_steps or step + 1 == num_steps):
         jax.block_until_ready((state, metrics))  # the trace holds the device work of the step
         jax.profiler.stop_trace()
         tracing = False
-      check_pending()  # the previous step, while this one runs
+      with split.timed("step"):
+        check_pending()  # the previous step, while this one runs
       pending = (step, metrics)
       step += 1
-      report_progress(step)
+      with split.timed("logging"):
+        report_progress(step)
 
       if step == start_step + 1:  # exclude compilation from throughput
-        check_pending()
+        with split.timed("compile"):
+          check_pending()
         reset_timer()
       if log_every and (step % log_every == 0 or step == num_steps):
-        check_pending()
-        write_train_metrics(step)
+        with split.timed("step"):
+          check_pending()
+        with split.timed("logging"):
+          write_train_metrics(step)
       if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
-        check_pending()
-        with report_progress.timed("eval"):
+        with split.timed("step"):
+          check_pending()
+        with split.timed("eval"), report_progress.timed("eval"):
           results = eval_fn(state) or {}
         if results:
           writer.write_scalars(
@@ -520,10 +529,12 @@ def _run(
         reset_timer()
       preempted = preemption.requested or ckpt.reached_preemption(step)
       if step == num_steps or preempted or ckpt.should_save(step):
-        check_pending()
-        metrics_lib.save_window(stage_dir, step, history, ckpt.all_steps())
-        if ckpt.save(step, state, data_iter, saved_config, force=step == num_steps or preempted):
-          faults.point(f"train:{stage}:saving", step)
+        with split.timed("step"):
+          check_pending()
+        with split.timed("checkpoint"):
+          metrics_lib.save_window(stage_dir, step, history, ckpt.all_steps())
+          if ckpt.save(step, state, data_iter, saved_config, force=step == num_steps or preempted):
+            faults.point(f"train:{stage}:saving", step)
         reset_timer()
       faults.point(f"train:{stage}:step", step, before=ckpt.wait, collective=True)
       if preempted:
@@ -532,16 +543,19 @@ def _run(
         logging.warning("%s: preempted; checkpoint at step %d written, exiting.", stage, step)
         raise Preempted(step)
     check_pending()
+    if step > start_step:
+      writer.write_scalars(step, {f"time/{k}_s": v for k, v in split.totals().items()})
 
   elapsed = time.perf_counter() - run_start
   done = step - start_step
   logging.info(
-    "%s: done, steps %d -> %d in %.1f s (%.2f steps/s, %.1f examples/s).",
+    "%s: done, steps %d -> %d in %.1f s (%.2f steps/s, %.1f examples/s); time split %s.",
     stage,
     start_step,
     step,
     elapsed,
     done / max(elapsed, 1e-9),
     done * global_batch_size / max(elapsed, 1e-9),
+    split.format(),
   )
   return state

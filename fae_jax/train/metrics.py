@@ -118,3 +118,55 @@ def load_window(stage_dir: epath.PathLike, step: int) -> list[dict[str, np.ndarr
   return [
     {k: np.asarray(v, np.float64) for k, v in row.items()} for row in json.loads(path.read_text())
   ]
+
+
+class TimeSplit:
+  """Wall time of a train loop by kind, for the end-of-stage line and `time/*` scalars.
+
+  Kinds: `compile` (the first step of this run: tracing, compilation, first execution), `data`
+  (waiting for the input pipeline), `step` (dispatching steps and waiting for their results),
+  `logging` (metrics to the host and writers, progress), `checkpoint` (metric window + save),
+  `eval` (the stage's periodic evaluation), and `other` (the rest of the loop: Python between).
+  """
+
+  KINDS = ("compile", "data", "step", "logging", "checkpoint", "eval")
+
+  def __init__(self):
+    import time
+
+    self._clock = time.perf_counter
+    self._start = self._clock()
+    self.seconds = dict.fromkeys(self.KINDS, 0.0)
+
+  def add(self, kind: str, seconds: float) -> None:
+    self.seconds[kind] += seconds
+
+  def timed(self, kind: str):
+    """Context manager adding the block's wall time to `kind`."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():
+      t0 = self._clock()
+      try:
+        yield
+      finally:
+        self.seconds[kind] += self._clock() - t0
+
+    return block()
+
+  def totals(self) -> dict[str, float]:
+    """Seconds per kind, `other` and `total` included."""
+    total = self._clock() - self._start
+    out = dict(self.seconds)
+    out["other"] = max(total - sum(self.seconds.values()), 0.0)
+    out["total"] = total
+    return out
+
+  def format(self) -> str:
+    t = self.totals()
+    total = max(t["total"], 1e-9)
+    parts = [
+      f"{k} {t[k]:.1f} s ({t[k] / total:.1%})" for k in (*self.KINDS, "other") if t[k] > 0
+    ]
+    return f"{t['total']:.1f} s: " + ", ".join(parts)

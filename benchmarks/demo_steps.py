@@ -95,6 +95,21 @@ def _concrete(tree, seed: int):
   return jax.tree_util.tree_map_with_path(make, tree)
 
 
+def _time_train_step(spec, iters: int) -> float:
+  """Median seconds of `spec`'s train step, its (donated) state fed back each call."""
+  import jax
+
+  state, batch, extra = _concrete(spec.args, seed=0)
+  holder = {"state": state}
+
+  def run():
+    new_state, metrics = spec.fn(holder["state"], batch, extra)
+    jax.block_until_ready(metrics)
+    holder["state"] = new_state
+
+  return _time(run, iters)
+
+
 def _shape_ceiling(name: str, config) -> tuple[tuple[int, int, int], str]:
   """The step's typical matmul `(m, k, n)` and what it is."""
   if name == "fae":
@@ -129,15 +144,7 @@ def measure(config_path: str, steps: list[str], iters: int, peak_n: int) -> list
   out = []
   for name in steps:
     spec = aot.build_step(name, config, mesh)
-    state, batch, extra = _concrete(spec.args, seed=0)
-    holder = {"state": state}
-
-    def run():
-      new_state, metrics = spec.fn(holder["state"], batch, extra)
-      jax.block_until_ready(metrics)
-      holder["state"] = new_state
-
-    seconds = _time(run, iters)
+    seconds = _time_train_step(spec, iters)
     (m, k, n), what = _shape_ceiling(name, config)
     ceiling = _matmul_rate(m, k, n)
     flops = spec.analytic_flops

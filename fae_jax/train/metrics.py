@@ -166,7 +166,5 @@ class TimeSplit:
   def format(self) -> str:
     t = self.totals()
     total = max(t["total"], 1e-9)
-    parts = [
-      f"{k} {t[k]:.1f} s ({t[k] / total:.1%})" for k in (*self.KINDS, "other") if t[k] > 0
-    ]
+    parts = [f"{k} {t[k]:.1f} s ({t[k] / total:.1%})" for k in (*self.KINDS, "other") if t[k] > 0]
     return f"{t['total']:.1f} s: " + ", ".join(parts)

@@ -261,8 +261,8 @@ class TimestepEmbedder(nn.Module):
   def __call__(self, t: jax.Array) -> jax.Array:
     init = nn.initializers.normal(stddev=0.02)
     h = timestep_features(t, self.freq_dim, scale=self.scale)
-    h = nn.Dense(self.width, dtype=self.dtype, kernel_init=init, name="fc1")(h)
-    h = nn.Dense(self.width, dtype=self.dtype, kernel_init=init, name="fc2")(jax.nn.silu(h))
+    h = layers.Dense(self.width, dtype=self.dtype, kernel_init=init, name="fc1")(h)
+    h = layers.Dense(self.width, dtype=self.dtype, kernel_init=init, name="fc2")(jax.nn.silu(h))
     return h.astype(jnp.float32)
 
 
@@ -304,7 +304,7 @@ class DitBlock(nn.Module):
   ) -> jax.Array:
     c = self.config
     block = c.block_config()
-    mod = nn.Dense(
+    mod = layers.Dense(
       6 * c.width, dtype=self.dtype, kernel_init=_zeros, bias_init=_zeros, name="adaLN_modulation"
     )(jax.nn.silu(cond)).astype(jnp.float32)
     shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = jnp.split(mod, 6, axis=-1)
@@ -339,13 +339,13 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
     c = self.config
-    mod = nn.Dense(
+    mod = layers.Dense(
       2 * c.width, dtype=self.dtype, kernel_init=_zeros, bias_init=_zeros, name="adaLN_modulation"
     )(jax.nn.silu(cond)).astype(jnp.float32)
     shift, scale = jnp.split(mod, 2, axis=-1)
     h = layers.make_norm(c.norm, eps=c.norm_eps, dtype=self.dtype, name="norm_final")(x)
     h = _modulate(h.astype(jnp.float32), shift, scale)
-    out = nn.Dense(
+    out = layers.Dense(
       c.patch_size**2 * c.out_channels,
       dtype=self.dtype,
       kernel_init=_zeros,
@@ -400,7 +400,7 @@ class Dit(nn.Module):
     y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (b,))
 
     tokens = layers.patchify(x.astype(jnp.float32), c.patch_size)
-    h = nn.Dense(
+    h = layers.Dense(
       c.width, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="x_embedder"
     )(tokens).astype(jnp.float32)
     if c.pos_embed == "sincos":

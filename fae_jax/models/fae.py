@@ -307,7 +307,7 @@ class FaeEncoder(nn.Module):
         for i in range(c.adapter_depth):
           h = layers.Block(block, dtype=self.dtype, name=f"blocks_{i}")(h, rope=rope)
         h = layers.make_norm(c.adapter_norm, eps=c.norm_eps, dtype=self.dtype, name="norm")(h)
-    moments = nn.Dense(
+    moments = layers.Dense(
       2 * c.latent_dim, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="to_moments"
     )(h).astype(jnp.float32)
     mean, logvar = jnp.split(moments, 2, axis=-1)
@@ -333,7 +333,7 @@ class FeatureDecoder(nn.Module):
       )
     b = z.shape[0]
     x = z.reshape(b, c.num_tokens, c.latent_dim)
-    x = nn.Dense(
+    x = layers.Dense(
       c.decoder_width, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="embed"
     )(x).astype(jnp.float32)
     if c.decoder_pos == "learned":
@@ -345,7 +345,7 @@ class FeatureDecoder(nn.Module):
       x = block_cls(block, dtype=self.dtype, name=f"blocks_{i}")(x, rope=rope)
     x = layers.make_norm(c.decoder_norm, eps=c.norm_eps, dtype=self.dtype, name="norm")(x)
     if c.decoder_out_proj:
-      x = nn.Dense(
+      x = layers.Dense(
         c.feature_dim, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="head"
       )(x)
     return x.astype(jnp.float32)

@@ -251,7 +251,7 @@ class PixelDecoder(nn.Module):
         f"PixelDecoder expects tokens [B, {n}, {d}] (grid {c.grid}, feature_dim {d}), got "
         f"{tuple(tokens.shape)}; check PixelDecoderConfig.grid/feature_dim against the features."
       )
-    x = nn.Dense(c.width, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="embed")(
+    x = layers.Dense(c.width, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="embed")(
       tokens
     ).astype(jnp.float32)
     if c.pos == "learned":
@@ -265,7 +265,7 @@ class PixelDecoder(nn.Module):
     for i in range(c.depth):
       x = block_cls(block, dtype=self.dtype, name=f"blocks_{i}")(x, rope=rope)
     x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=self.dtype, name="norm")(x)
-    x = nn.Dense(
+    x = layers.Dense(
       c.patch_dim, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="head"
     )(x)
     return layers.unpatchify(x.astype(jnp.float32), c.patch_size, c.grid, c.channels)

@@ -158,7 +158,7 @@ class FlowBlock(nn.Module):
   def setup(self):
     c = self.config
     dt = c.compute_dtype
-    self.proj_in = nn.Dense(c.width, dtype=dt, kernel_init=layers.default_kernel_init)
+    self.proj_in = layers.Dense(c.width, dtype=dt, kernel_init=layers.default_kernel_init)
     self.sos = self.param("sos", nn.initializers.normal(stddev=0.02), (c.width,))
     if self.conditional:
       self.class_embed = nn.Embed(
@@ -167,7 +167,7 @@ class FlowBlock(nn.Module):
     self.blocks = [layers.Block(c.block_config(), dtype=dt) for _ in range(self.depth)]
     self.norm = layers.make_norm(c.norm, eps=c.norm_eps, dtype=dt)
     # Zero init (kernel and bias): mu = 0, a = 0, so the block starts as the identity.
-    self.proj_out = nn.Dense(
+    self.proj_out = layers.Dense(
       2 * c.token_dim,
       dtype=c.out_dtype,
       kernel_init=nn.initializers.zeros,

@@ -40,4 +40,6 @@ def test_dense_matches_flax_dense(shape, dtype, use_bias):
   g = jax.grad(loss(ours), argnums=(0, 1))(p, x)
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(p, x)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=5 * tol, rtol=tol)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), atol=5 * tol, rtol=tol
+    )

@@ -235,9 +235,9 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dim = self.out_dim or x.shape[-1]
-    x12 = Dense(
-      2 * self.hidden_dim, dtype=self.dtype, kernel_init=default_kernel_init, name="w12"
-    )(x)
+    x12 = Dense(2 * self.hidden_dim, dtype=self.dtype, kernel_init=default_kernel_init, name="w12")(
+      x
+    )
     x1, x2 = jnp.split(x12, 2, axis=-1)
     return Dense(out_dim, dtype=self.dtype, kernel_init=default_kernel_init, name="w3")(
       jax.nn.silu(x1) * x2
@@ -357,9 +357,9 @@ class Attention(nn.Module):
         raise ValueError("Attention: `mask` is not supported together with a KV `cache`.")
       out, cache = _cached_attention(q, k, v, cache, is_causal=is_causal)
     out = out.reshape(b, n, inner)
-    out = Dense(
-      self.out_dim or d, dtype=self.dtype, kernel_init=default_kernel_init, name="proj"
-    )(out)
+    out = Dense(self.out_dim or d, dtype=self.dtype, kernel_init=default_kernel_init, name="proj")(
+      out
+    )
     return out if cache is None else (out, cache)
 
 

@@ -251,9 +251,9 @@ class PixelDecoder(nn.Module):
         f"PixelDecoder expects tokens [B, {n}, {d}] (grid {c.grid}, feature_dim {d}), got "
         f"{tuple(tokens.shape)}; check PixelDecoderConfig.grid/feature_dim against the features."
       )
-    x = layers.Dense(c.width, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="embed")(
-      tokens
-    ).astype(jnp.float32)
+    x = layers.Dense(
+      c.width, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="embed"
+    )(tokens).astype(jnp.float32)
     if c.pos == "learned":
       x = x + self.param("pos_embed", _POS_INIT, (1, n, c.width))
     rope = None

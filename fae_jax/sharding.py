@@ -9,8 +9,10 @@ parallelism; `data = 1` is pure FSDP (maxtext's preset).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -87,6 +89,42 @@ def mesh_from_config(mesh_config) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over every mesh axis."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+  "fae_jax_activation_mesh", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None) -> Iterator[None]:
+  """While tracing inside this context, `constrain_batch` pins activations to `mesh`'s batch axes.
+
+  Train steps trace their loss under it. Without a pin, XLA's SPMD partitioner is free to meet an
+  FSDP-sharded weight by gathering the *activations* instead of the weight (the matmul then runs
+  split over the weight's output features, and every layer's activations are all-gathered), which
+  on STARFlow-1.4B over v5e-256 multiplied the per-chip temporaries and the all-gather traffic
+  (README, "Ahead-of-time compilation"). maxtext pins activations the same way.
+  """
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """`x` with its leading (batch) axis sharded over every mesh axis, the other axes unsplit.
+
+  A no-op outside `activation_sharding`, on a single device, or when the batch does not divide
+  by the batch shards (e.g. a sampler's odd batch): numerics never change, only the placement.
+  """
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None or mesh.devices.size == 1 or x.ndim == 0:
+    return x
+  if x.shape[0] % num_batch_shards(mesh):
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

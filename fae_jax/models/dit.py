@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fae_jax import sharding
 from fae_jax.models import layers
 from fae_jax.models.config_base import LatentGridConfig
 
@@ -423,7 +424,9 @@ class Dit(nn.Module):
       rope = (jnp.asarray(cos), jnp.asarray(sin))
     block_cls = nn.remat(DitBlock) if c.remat else DitBlock
     for i in range(c.depth):
-      h = block_cls(c, dtype=self.dtype, name=f"blocks_{i}")(h, cond, rope)
+      h = sharding.constrain_batch(
+        block_cls(c, dtype=self.dtype, name=f"blocks_{i}")(h, cond, rope)
+      )
 
     out = FinalLayer(c, dtype=self.dtype, name="final_layer")(h, cond)
     out = layers.unpatchify(out, c.patch_size, c.grid_size)

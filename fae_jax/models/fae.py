@@ -67,6 +67,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from fae_jax import sharding
 from fae_jax.models import layers
 from fae_jax.models.config_base import JsonConfig
 
@@ -342,7 +343,9 @@ class FeatureDecoder(nn.Module):
     block = c.decoder_block_config()
     block_cls = nn.remat(layers.Block) if c.remat else layers.Block
     for i in range(c.decoder_depth):
-      x = block_cls(block, dtype=self.dtype, name=f"blocks_{i}")(x, rope=rope)
+      x = sharding.constrain_batch(
+        block_cls(block, dtype=self.dtype, name=f"blocks_{i}")(x, rope=rope)
+      )
     x = layers.make_norm(c.decoder_norm, eps=c.norm_eps, dtype=self.dtype, name="norm")(x)
     if c.decoder_out_proj:
       x = layers.Dense(

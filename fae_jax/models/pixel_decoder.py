@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fae_jax import sharding
 from fae_jax.models import layers
 from fae_jax.models.config_base import JsonConfig
 
@@ -263,7 +264,9 @@ class PixelDecoder(nn.Module):
     block = c.block_config()
     block_cls = nn.remat(layers.Block) if c.remat else layers.Block
     for i in range(c.depth):
-      x = block_cls(block, dtype=self.dtype, name=f"blocks_{i}")(x, rope=rope)
+      x = sharding.constrain_batch(
+        block_cls(block, dtype=self.dtype, name=f"blocks_{i}")(x, rope=rope)
+      )
     x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=self.dtype, name="norm")(x)
     x = layers.Dense(
       c.patch_dim, dtype=self.dtype, kernel_init=layers.default_kernel_init, name="head"

@@ -88,6 +88,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fae_jax import sharding
 from fae_jax.models import layers
 from fae_jax.models.tarflow_config import TarFlowConfig
 
@@ -234,10 +235,10 @@ class FlowBlock(nn.Module):
       # Lifted remat traces every argument, so causality goes in as an array mask.
       causal = jnp.tril(jnp.ones((p + t, p + t), bool))[None, None]
       for blk in self.blocks:
-        h = _remat_block(blk, h, *rope, causal)
+        h = sharding.constrain_batch(_remat_block(blk, h, *rope, causal))
     else:
       for blk in self.blocks:
-        h = blk(h, rope=rope, is_causal=True)
+        h = sharding.constrain_batch(blk(h, rope=rope, is_causal=True))
     return self.head(h[:, p:])
 
   def __call__(self, x: jax.Array, y: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:

@@ -164,7 +164,11 @@ def make_train_step(
         return loss_fn(p, batch, rng, *extra, step=step)
       return loss_fn(p, batch, rng, *extra)
 
-    return jax.value_and_grad(objective, has_aux=True)(params)
+    # Activations pinned to the batch axes (sharding.activation_sharding); gradients to the
+    # parameters' own sharding, so XLA reduce-scatters them rather than all-reducing full copies.
+    with sharding_lib.activation_sharding(mesh):
+      (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return (loss, aux), jax.lax.with_sharding_constraint(grads, shardings.params)
 
   def accumulated(params, batch, rng, extra, step):
     size = len(jax.tree.leaves(batch)[0])
@@ -186,9 +190,10 @@ def make_train_step(
       j, mb = inputs
       (loss, aux), grads = grads_of(params, mb, jax.random.fold_in(rng, j), extra, step)
       acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
-      return acc, (loss, aux)
+      return jax.lax.with_sharding_constraint(acc, shardings.params), (loss, aux)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
     total, (losses, auxes) = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     grads = jax.tree.map(lambda t, p: (t / accum).astype(p.dtype), total, params)
     aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)

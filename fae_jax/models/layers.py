@@ -296,10 +296,51 @@ def _cached_attention(
     visible = key_pos <= start + jnp.arange(n)[:, None]  # [n, L]
   else:
     visible = jnp.broadcast_to(key_pos < start + n, (n, cache.max_length))
-  out = jax.nn.dot_product_attention(
+  out = dot_product_attention(
     q, key.astype(q.dtype), value.astype(q.dtype), mask=visible[None, None]
   )
   return out, KVCache(key, value, start + n)
+
+
+def dot_product_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  is_causal: bool = False,
+) -> jax.Array:
+  """Softmax attention, `q, k, v: [B, T, H, D]` -> `[B, T, H, D]`; the numbers of
+  `jax.nn.dot_product_attention` (float32 logits and softmax, scale `D ** -0.5`, a boolean
+  `mask` broadcastable to `[B, H, T, S]`, `is_causal`). A query whose mask hides every key
+  gets the mean of the values, as there; unlike there, gradient still reaches that query
+  (the mask is an additive bias, not a `where`); no model here masks a query from every key.
+
+  Heads-first: q, k and v are moved to `[B, H, T, D]` once, so both products are plain batched
+  GEMMs, and masks enter as an additive bias. On XLA's CPU backend this runs the forward 1.7-3.8x
+  and forward + backward 1.3-1.7x faster than `jax.nn.dot_product_attention` on the demo's and
+  LightningDiT-S's shapes (README, "Speed of the demo's steps"); on TPU both are the same XLA
+  einsums. On GPU `jax.nn.dot_product_attention` is kept (it may pick cuDNN's fused kernel).
+  """
+  if jax.default_backend() == "gpu":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+  head_dim = q.shape[-1]
+  qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(head_dim**-0.5)
+  visible = mask
+  if is_causal:
+    t, s = logits.shape[-2:]
+    causal = jnp.tril(jnp.ones((t, s), bool))
+    visible = causal if visible is None else jnp.logical_and(visible, causal)
+  if visible is not None:
+    # The large finite negative of jax's own implementation: a fully masked row is uniform.
+    big_neg = jnp.asarray(jnp.finfo(jnp.float32).min * 0.7, jnp.float32)
+    logits = logits + jnp.where(visible, jnp.float32(0), big_neg)
+  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  e = jnp.exp(logits - peak)
+  probs = (e / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, vh), 1, 2)
 
 
 class Attention(nn.Module):
@@ -351,7 +392,7 @@ class Attention(nn.Module):
       q = apply_rope(q, *rope)
       k = apply_rope(k, *rope)
     if cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+      out = dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
     else:
       if mask is not None:
         raise ValueError("Attention: `mask` is not supported together with a KV `cache`.")

@@ -116,6 +116,15 @@ def _batch(mesh: Mesh, fields: dict[str, tuple[tuple[int, ...], Any]]) -> dict:
   return {k: _sds(shape, dtype, sh) for k, (shape, dtype) in fields.items()}
 
 
+def _remat_fix(config: ml_collections.ConfigDict, key: str) -> str | None:
+  """`key` for the "does not fit" message while that model's remat is off; None once it is on
+  (the message then names only accumulation and the batch)."""
+  node = config
+  for part in key.split("."):
+    node = getattr(node, part)
+  return None if bool(node) else key
+
+
 def _train_step(
   name: str,
   *,
@@ -259,7 +268,7 @@ def build_step(name: str, config: ml_collections.ConfigDict, mesh: Mesh) -> Step
       prefix="fae.train",
       init_params_fn=init_params,
       flops_per_example=fae_model.fae_flops_per_example(mcfg),
-      remat_key="fae.model.remat",
+      remat_key=_remat_fix(config, "fae.model.remat"),
     )
     if name == "fae":
 
@@ -331,7 +340,7 @@ def build_step(name: str, config: ml_collections.ConfigDict, mesh: Mesh) -> Step
       frozen=frozen,
       flops_per_example=pd.pixel_decoder_flops_per_example(decoder_cfg),
       loss_takes_step=True,
-      remat_key="pixel.model.remat",
+      remat_key=_remat_fix(config, "pixel.model.remat"),
     )
 
   latent_fields = {
@@ -365,7 +374,7 @@ def build_step(name: str, config: ml_collections.ConfigDict, mesh: Mesh) -> Step
         batch=latent_fields,
         frozen=stats,
         flops_per_example=flops,
-        remat_key="diffusion.model.remat",
+        remat_key=_remat_fix(config, "diffusion.model.remat"),
       )
     params = jax.eval_shape(init_params, jax.random.key(0))
     return _sampler_step(
@@ -397,7 +406,7 @@ def build_step(name: str, config: ml_collections.ConfigDict, mesh: Mesh) -> Step
         batch=latent_fields,
         frozen=stats,
         flops_per_example=flops,
-        remat_key="flow.model.remat",
+        remat_key=_remat_fix(config, "flow.model.remat"),
       )
     params = jax.eval_shape(init_params, jax.random.key(0))
     return _flow_sampler(name, config, mesh, params, model, flops)

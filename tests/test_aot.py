@@ -257,3 +257,34 @@ def test_fsdp_step_gathers_weights_not_activations():
   gathered = report.collectives.get("all-gather", (0, 0))[1]
   assert 0 < gathered <= 8 * param_bytes, (gathered, param_bytes)
   assert report.collectives.get("all-to-all", (0, 0))[1] <= 0.1 * param_bytes, report.collectives
+
+
+def test_fix_names_remat_only_when_it_is_off():
+  """The "does not fit" message suggests `model.remat=True` only for a model that has it off."""
+  config = _tiny_config(4, 1)
+  config.flow.model.remat = True
+  config.diffusion.model.remat = False
+  assert aot._remat_fix(config, "flow.model.remat") is None
+  assert aot._remat_fix(config, "diffusion.model.remat") == "diffusion.model.remat"
+  report = aot_compile.StepReport(
+    name="flow",
+    num_params=1,
+    global_batch=64,
+    argument_bytes=2**30,
+    output_bytes=0,
+    alias_bytes=0,
+    temp_bytes=40 * 2**30,
+    code_bytes=0,
+    hbm_bytes=16 * 2**30,
+    xla_flops=1.0,
+    analytic_flops=1.0,
+    bytes_accessed=1.0,
+    collectives={},
+    roofline_s=1.0,
+    images_per_s=1.0,
+    compile_s=1.0,
+    fix_keys={"train": "flow.train"},
+  )
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(4, 1), ("data", "fsdp"))
+  msg = report.fix(mesh)
+  assert "remat" not in msg and "--config.flow.train.grad_accum_steps=" in msg

@@ -20,8 +20,10 @@ def _config():
   c.ema_decay = 0.9
   # Adam divides by sqrt(v) + eps: with the default 1e-8, parameters whose true gradient is 0
   # (the key bias: softmax is shift-invariant) get lr-sized updates from 1e-10 rounding noise,
-  # which differs between shardings. A larger eps keeps the comparison about sharding.
-  c.eps = 1e-6
+  # which differs between shardings. A larger eps keeps the comparison about sharding (1e-6
+  # still let the FAE's key bias drift by 1.3e-6 after the heads-first attention changed the
+  # rounding: that gradient is pure noise, about 1e-9).
+  c.eps = 1e-5
   c.fsdp_min_size = 64  # small enough that the tiny kernels really shard
   return c
 

@@ -104,7 +104,7 @@ def activation_sharding(mesh: Mesh | None) -> Iterator[None]:
   FSDP-sharded weight by gathering the *activations* instead of the weight (the matmul then runs
   split over the weight's output features, and every layer's activations are all-gathered), which
   on STARFlow-1.4B over v5e-256 multiplied the per-chip temporaries and the all-gather traffic
-  (README, "Ahead-of-time compilation"). maxtext pins activations the same way.
+  (README, "Checked for TPU from a CPU (AOT)"). maxtext pins activations the same way.
   """
   token = _ACTIVATION_MESH.set(mesh)
   try:
@@ -124,7 +124,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return x
   if x.shape[0] % num_batch_shards(mesh):
     return x
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+  return jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

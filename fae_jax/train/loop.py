@@ -190,10 +190,10 @@ def make_train_step(
       j, mb = inputs
       (loss, aux), grads = grads_of(params, mb, jax.random.fold_in(rng, j), extra, step)
       acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
-      return jax.lax.with_sharding_constraint(acc, shardings.params), (loss, aux)
+      return acc, (loss, aux)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
+    zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)  # the carry's sharding
     total, (losses, auxes) = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     grads = jax.tree.map(lambda t, p: (t / accum).astype(p.dtype), total, params)
     aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)

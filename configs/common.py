@@ -177,6 +177,10 @@ def base_config() -> ml_collections.ConfigDict:
   loss.rec_weight = 1.0
   loss.perceptual = "dino"  # 'dino' (frozen-encoder feature matching) | 'lpips' | 'none'
   loss.perc_weight = 1.0
+  loss.perc_phases = ("noisy", "finetune")  # the phases that have the perceptual term
+  # Examples of each batch that get the perceptual term (every (batch / perc_examples)-th); 0 = all.
+  # 'dino' runs the frozen encoder forward and backward on each: the cost is per example.
+  loss.perc_examples = 0
   loss.lpips_dir = ""  # output of `python -m fae_jax.convert lpips ...` (perceptual='lpips')
   loss.gan_weight = 0.5  # 0 = no discriminator at all
   loss.adaptive_gan_weight = True  # VQGAN: scale by ||g_rec|| / ||g_gan|| at the last layer

@@ -154,7 +154,7 @@ def test_every_sweep_field_is_a_config_key():
     config_checks.get(base, field)  # KeyError names a sweep on a field that does not exist
 
 
-@pytest.mark.parametrize("name,arg", [("imagenet", "runlocal"), ("demo", "tiny")])
+@pytest.mark.parametrize("name,arg", [("imagenet", "runlocal"), ("demo", "tiny"), ("demo", "")])
 def test_shipped_presets_pass(name, arg):
   """The checks hold the shipped presets to the rules (they caught imagenet:runlocal's fae
   warmup of 1000 steps in a 20-step run, which failed only when `fae` started)."""

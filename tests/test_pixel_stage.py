@@ -51,6 +51,7 @@ def gan_run(tmp_path_factory, tiny_pipeline_config, patch_small_encoder):
   p = config.pixel
   p.input = "cache"
   p.loss.perceptual, p.loss.perc_weight = "dino", 0.1
+  p.loss.perc_phases, p.loss.perc_examples = ("noisy", "finetune"), 0
   p.loss.gan_weight = 0.5
   p.noisy.gan_start, p.finetune.gan_start = GAN_START, 0
   with pytest.MonkeyPatch.context() as mp:
@@ -79,7 +80,7 @@ def test_stage_reports_grids_and_exports(gan_run, small_encoder):
   )
   assert px["steps_noisy"] == 4 and px["steps_finetune"] == 4 and px["eval_examples"] == 16
   assert px["image_size"] == [28, 28] and px["decoder_output_size"] == [32, 32]
-  assert px["gan"] and px["perceptual"] == "dino"
+  assert px["gan"] and px["perceptual"].startswith("dino(")
   for key in ("noisy_train_loss_first", "noisy_train_loss_last", "finetune_train_loss_last"):
     assert np.isfinite(px[key]), key
   # The grid: 8 (original, reconstruction) pairs of 28 px images upscaled 4x, in one row.

@@ -85,11 +85,22 @@ def dino_feature_loss(
   whose token norms carry information. It is the loss the FAE itself minimises on features.
   """
   _check_images(images, recon, "dino_feature_loss")
-  target_feats = jax.lax.stop_gradient(_f32(encode_fn(images)))
+  return dino_feature_loss_to(encode_fn, encode_fn(images), recon)
+
+
+def dino_feature_loss_to(
+  encode_fn: Callable[[jax.Array], jax.Array], target_feats: jax.Array, recon: jax.Array
+) -> jax.Array:
+  """`dino_feature_loss` against given target features `[B, N, D]` (e.g. the feature cache's).
+
+  The targets are a constant (stop_gradient); the gradient flows through `encode_fn` into
+  `recon` `[B, H, W, 3]`.
+  """
+  target_feats = jax.lax.stop_gradient(_f32(target_feats))
   recon_feats = _f32(encode_fn(recon))
   if target_feats.shape != recon_feats.shape:
     raise ValueError(
-      f"dino_feature_loss: encode_fn gave {target_feats.shape} for the targets and "
+      f"dino_feature_loss: the targets' features are {target_feats.shape} and encode_fn gave "
       f"{recon_feats.shape} for the reconstructions."
     )
   return jnp.mean(jnp.square(recon_feats - target_feats))

@@ -35,6 +35,9 @@ from fae_jax.models import pixel_decoder as pd
 from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
 
 
+PHASES = ("noisy", "finetune")
+
+
 @dataclasses.dataclass(frozen=True)
 class PixelModels:
   """The networks of the pixel decoder's objective (the frozen ones' weights come separately)."""
@@ -46,9 +49,35 @@ class PixelModels:
   encoder_dtype: Any
 
 
-def perceptual_fn(loss_cfg, models: PixelModels, frozen: dict[str, Any]):
-  """`(target, recon) -> scalar` of `loss_cfg.perceptual` ('dino' or 'lpips'), None when off."""
-  if loss_cfg.perceptual == "none" or float(loss_cfg.perc_weight) <= 0:
+def perceptual_active(loss_cfg, phase: str) -> bool:
+  """Whether phase `phase` has a perceptual term (`perceptual`, `perc_weight`, `perc_phases`)."""
+  phases = tuple(loss_cfg.get("perc_phases", PHASES))
+  return loss_cfg.perceptual != "none" and float(loss_cfg.perc_weight) > 0 and phase in phases
+
+
+def perceptual_subset(batch_size: int, perc_examples: int) -> int:
+  """The stride that picks `perc_examples` of a batch for the perceptual term (1 = all).
+
+  Every `stride`-th example: with the batch split into contiguous per-device blocks, each device
+  keeps the same number of examples when `stride` divides its block.
+  """
+  if perc_examples <= 0 or perc_examples >= batch_size:
+    return 1
+  if batch_size % perc_examples:
+    raise ValueError(
+      f"config.pixel.loss.perc_examples={perc_examples} must divide the batch size "
+      f"{batch_size}; pick a divisor (or 0 for the whole batch)."
+    )
+  return batch_size // perc_examples
+
+
+def perceptual_fn(loss_cfg, models: PixelModels, frozen: dict[str, Any], phase: str = "noisy"):
+  """`(target, recon) -> scalar` of `loss_cfg.perceptual` ('dino' or 'lpips'), None when off.
+
+  'dino' here encodes both images; `make_loss_fn` uses the clean features it already has as
+  the targets instead (one encoder forward less per step).
+  """
+  if not perceptual_active(loss_cfg, phase):
     return None
   if loss_cfg.perceptual == "dino":
     encode_fn = functools.partial(
@@ -75,6 +104,7 @@ def make_loss_fn(
   out_size = models.decoder.config.image_size
   rec_kind, rec_weight = loss_cfg.rec, float(loss_cfg.rec_weight)
   perc_weight = float(loss_cfg.perc_weight)
+  perc_examples = int(loss_cfg.get("perc_examples", 0))
 
   def loss_fn(params, batch, rng, frozen, *, step):
     images = images_to_model_range(batch["image"])
@@ -95,7 +125,25 @@ def make_loss_fn(
       tokens = models.fae.apply({"params": fae_params}, z, method=fae_model.Fae.decode)
       tokens = jax.lax.stop_gradient(tokens)
     target = resize_images(images, out_size)
-    perceptual = perceptual_fn(loss_cfg, models, frozen)
+    perceptual = perceptual_fn(loss_cfg, models, frozen, phase)
+    if perceptual is not None:
+      stride = perceptual_subset(target.shape[0], perc_examples)
+      if loss_cfg.perceptual == "dino":
+        # The targets' features are the clean encoder features `x` of the source images: what
+        # the decoder's input stands for, and one encoder forward less than encoding `target`.
+        encode_fn = functools.partial(
+          encode_images, models.spec, frozen["encoder"], dtype=models.encoder_dtype
+        )
+
+        def perceptual(target, recon, _x=x[::stride]):
+          del target
+          return pixel_terms.dino_feature_loss_to(encode_fn, _x, recon[::stride])
+
+      elif stride > 1:
+        full = perceptual
+
+        def perceptual(target, recon):
+          return full(target[::stride], recon[::stride])
 
     def decode(decoder_params):
       return models.decoder.apply({"params": decoder_params}, tokens)

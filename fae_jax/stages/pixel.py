@@ -128,8 +128,35 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       "official weights once with `python -m fae_jax.convert lpips --vgg=vgg16-397923af.pth "
       "--lin=vgg.pth --out=DIR`, or use perceptual='dino' (offline)."
     )
+  unknown = set(p.loss.perc_phases) - set(PHASES)
+  if unknown:
+    raise ValueError(
+      f"config.pixel.loss.perc_phases has {sorted(unknown)}; use phases of {PHASES}."
+    )
+  if int(p.loss.perc_examples) < 0:
+    raise ValueError(
+      f"config.pixel.loss.perc_examples must be >= 0 (0 = every example), got "
+      f"{p.loss.perc_examples}."
+    )
+  for phase in p.loss.perc_phases:
+    if pixel_objective.perceptual_active(p.loss, phase):
+      pixel_objective.perceptual_subset(
+        int(p[phase].train.batch_size), int(p.loss.perc_examples)
+      )
   if all(int(p[phase].train.num_steps) <= 0 for phase in PHASES):
     raise ValueError("config.pixel: both phases have num_steps 0; nothing to train.")
+
+
+def _describe_perceptual(loss_cfg) -> str:
+  """'none', or e.g. 'dino(weight=1.0, phases=finetune, examples=8)'."""
+  phases = [ph for ph in PHASES if pixel_objective.perceptual_active(loss_cfg, ph)]
+  if not phases:
+    return "none"
+  examples = int(loss_cfg.perc_examples) or "all"
+  return (
+    f"{loss_cfg.perceptual}(weight={float(loss_cfg.perc_weight)}, phases={'+'.join(phases)}, "
+    f"examples={examples})"
+  )
 
 
 def _data_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -463,7 +490,7 @@ def run(ctx: StageContext) -> dict:
       "image_size": list(r.image_size),
       "decoder_output_size": list(r.decoder_cfg.image_size),
       "num_params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(final_decoder))),
-      "perceptual": p.loss.perceptual if float(p.loss.perc_weight) > 0 else "none",
+      "perceptual": _describe_perceptual(p.loss),
       "gan": r.models.disc is not None,
       "noise": f"{p.noise.mode}(sigma={p.noise.sigma}, tau={p.noise.tau})",
       "encoder_random": bool(r.encoder_meta["source"].get("random")),

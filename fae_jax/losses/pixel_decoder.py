@@ -34,7 +34,6 @@ from fae_jax.models import fae as fae_model
 from fae_jax.models import pixel_decoder as pd
 from fae_jax.models.encoder import EncoderSpec, encode_images, images_to_model_range
 
-
 PHASES = ("noisy", "finetune")
 
 

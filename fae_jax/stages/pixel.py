@@ -140,9 +140,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
   for phase in p.loss.perc_phases:
     if pixel_objective.perceptual_active(p.loss, phase):
-      pixel_objective.perceptual_subset(
-        int(p[phase].train.batch_size), int(p.loss.perc_examples)
-      )
+      pixel_objective.perceptual_subset(int(p[phase].train.batch_size), int(p.loss.perc_examples))
   if all(int(p[phase].train.num_steps) <= 0 for phase in PHASES):
     raise ValueError("config.pixel: both phases have num_steps 0; nothing to train.")
 

@@ -1,9 +1,11 @@
 """The pixel decoder's objective per training phase, assembled from `fae_jax.losses.pixel` terms.
 
 `rec_weight * L1|L2 + perc_weight * perceptual + GAN`, with
-  * perceptual 'dino': MSE between the frozen encoder's features of the reconstruction and of the
-    target (offline; the encoder weights are already there), or 'lpips' (LPIPS-VGG from weights
-    converted with `python -m fae_jax.convert lpips`), or 'none';
+  * perceptual 'dino': MSE between the frozen encoder's features of the reconstruction and the
+    clean features `x` of the source image (offline; the encoder weights are already there), or
+    'lpips' (LPIPS-VGG from weights converted with `python -m fae_jax.convert lpips`), or 'none';
+    in the phases `loss.perc_phases`, on every `B / loss.perc_examples`-th example of the batch
+    (0: all);
   * GAN: a PatchGAN (`fae_jax.models.discriminator`, the discriminator of VQGAN and TiTok) with
     hinge losses, both switched on at the phase-local step `gan_start`, the generator term
     optionally scaled by VQGAN's adaptive weight. Generator and discriminator share ONE param tree

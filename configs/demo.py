@@ -110,8 +110,10 @@ def get_config(arg: str | None = None):
   config.latents.flip = False
 
   # Generator: a small LightningDiT (width 128, 4 blocks, 2 heads of 64) on 8x8x16 latents,
-  # 700 steps at lr 1e-3 (width 192 costs 2.2x the FLOPs per step; the demo's budget buys more
-  # steps of the narrower model).
+  # 1,400 steps at lr 1e-3 (width 192 costs 2.2x the FLOPs per step; the demo's budget buys more
+  # steps of the narrower model). On one demo run's latents and pixel decoder, 700 -> 1,400 steps:
+  # guided FD-DINOv2 8.55 -> 7.61, class consistency 0.656 -> 0.756; unguided 6.13 -> 5.82,
+  # 0.490 -> 0.524 (+~145 s).
   # Time shift 1: the paper's ts = 0.4 suits 16x16x32 latents; for 4x fewer dimensions the
   # dimension-dependent shift rule (RAE, SD3) gives s <= 1.
   dm = config.diffusion.model
@@ -119,7 +121,7 @@ def get_config(arg: str | None = None):
   dm.width, dm.depth, dm.num_heads = 128, 4, 2
   config.diffusion.objective.timestep_shift = 1.0
   t = config.diffusion.train
-  t.num_steps = 700
+  t.num_steps = 1400
   t.batch_size = 64
   t.lr = 1e-3
   t.schedule = "constant"
@@ -127,7 +129,7 @@ def get_config(arg: str | None = None):
   t.ema_decay = 0.999
   t.ema_warmup = True
   t.log_every = 100
-  t.checkpoint_every = 350
+  t.checkpoint_every = 700
   t.milestones = ()
 
   # Normalizing flow: a small deep-shallow TarFlow (one 4-layer deep block + two 1-layer shallow

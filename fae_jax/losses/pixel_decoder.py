@@ -72,20 +72,35 @@ def perceptual_subset(batch_size: int, perc_examples: int) -> int:
   return batch_size // perc_examples
 
 
-def perceptual_fn(loss_cfg, models: PixelModels, frozen: dict[str, Any], phase: str = "noisy"):
-  """`(target, recon) -> scalar` of `loss_cfg.perceptual` ('dino' or 'lpips'), None when off.
+def perceptual_fn(
+  loss_cfg, models: PixelModels, frozen: dict[str, Any], phase: str, x: jax.Array, batch_size: int
+):
+  """`(target, recon) -> scalar` of `loss_cfg.perceptual` in phase `phase`, None when off.
 
-  'dino' here encodes both images; `make_loss_fn` uses the clean features it already has as
-  the targets instead (one encoder forward less per step).
+  On every `perceptual_subset(batch_size, loss_cfg.perc_examples)`-th example. 'dino' matches
+  the encoder's features of the reconstruction to the clean features `x` of the source images
+  (what the decoder's input stands for; one encoder forward less than encoding `target`);
+  'lpips' compares the reconstruction with `target`.
   """
   if not perceptual_active(loss_cfg, phase):
     return None
+  stride = perceptual_subset(batch_size, int(loss_cfg.get("perc_examples", 0)))
   if loss_cfg.perceptual == "dino":
     encode_fn = functools.partial(
       encode_images, models.spec, frozen["encoder"], dtype=models.encoder_dtype
     )
-    return functools.partial(pixel_terms.dino_feature_loss, encode_fn)
-  return functools.partial(pixel_terms.lpips_loss, frozen["lpips"])
+    x_sub = x[::stride]
+
+    def dino(target, recon):
+      del target
+      return pixel_terms.dino_feature_loss_to(encode_fn, x_sub, recon[::stride])
+
+    return dino
+
+  def lpips(target, recon):
+    return pixel_terms.lpips_loss(frozen["lpips"], target[::stride], recon[::stride])
+
+  return lpips
 
 
 def make_loss_fn(
@@ -105,7 +120,6 @@ def make_loss_fn(
   out_size = models.decoder.config.image_size
   rec_kind, rec_weight = loss_cfg.rec, float(loss_cfg.rec_weight)
   perc_weight = float(loss_cfg.perc_weight)
-  perc_examples = int(loss_cfg.get("perc_examples", 0))
 
   def loss_fn(params, batch, rng, frozen, *, step):
     images = images_to_model_range(batch["image"])
@@ -126,25 +140,7 @@ def make_loss_fn(
       tokens = models.fae.apply({"params": fae_params}, z, method=fae_model.Fae.decode)
       tokens = jax.lax.stop_gradient(tokens)
     target = resize_images(images, out_size)
-    perceptual = perceptual_fn(loss_cfg, models, frozen, phase)
-    if perceptual is not None:
-      stride = perceptual_subset(target.shape[0], perc_examples)
-      if loss_cfg.perceptual == "dino":
-        # The targets' features are the clean encoder features `x` of the source images: what
-        # the decoder's input stands for, and one encoder forward less than encoding `target`.
-        encode_fn = functools.partial(
-          encode_images, models.spec, frozen["encoder"], dtype=models.encoder_dtype
-        )
-
-        def perceptual(target, recon, _x=x[::stride]):
-          del target
-          return pixel_terms.dino_feature_loss_to(encode_fn, _x, recon[::stride])
-
-      elif stride > 1:
-        full = perceptual
-
-        def perceptual(target, recon):
-          return full(target[::stride], recon[::stride])
+    perceptual = perceptual_fn(loss_cfg, models, frozen, phase, x, target.shape[0])
 
     def decode(decoder_params):
       return models.decoder.apply({"params": decoder_params}, tokens)

@@ -82,8 +82,8 @@ def get_config(arg: str | None = None):
   #   * L2 reconstruction loss, not L1, at 2,400 + 800 steps: full path 18.67 -> 18.96 dB, noisy
   #     path 20.24 -> 20.66, rFD 3.49 -> 3.04, SSIM 0.639 -> 0.649, same time (700 + 300 steps,
   #     sigma 0.4, L1, no perceptual term: 17.47 dB, rFD 12.12).
-  # This setting, L2 at 3,600 + 1,000 steps on the FAE trained at lr 2e-3 (make demo at 60fc8f5):
-  # full path 19.48 dB (L1 at 2,400 + 800: 18.87), noisy path 21.16, rFD 3.01, SSIM 0.675, for
+  # This setting, L2 at 3,600 + 1,000 steps on the FAE trained at lr 2e-3 (make demo at 7be70b0):
+  # full path 19.48 dB (L1 at 2,400 + 800: 18.87), noisy path 21.16, rFD 2.84, SSIM 0.675, for
   # about +120 s of training.
   p = config.pixel
   p.input = "cache"

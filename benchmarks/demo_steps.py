@@ -110,22 +110,30 @@ def _time_train_step(spec, iters: int) -> float:
   return _time(run, iters)
 
 
-def _shape_ceiling(name: str, config) -> tuple[tuple[int, int, int], str]:
-  """The step's typical matmul `(m, k, n)` and what it is."""
+def _tokens_per_example(config) -> int:
+  """Tokens per example: the encoder's patch grid (`S/14` at 112 px: 8 x 8), which the FAE and
+  the pixel decoder see and which the latent grid of the generators keeps."""
+  patch = int(str(config.encoder.variant).split("/")[1])
+  return (int(config.encoder.image_size) // patch) ** 2
+
+
+def _shape_ceiling(name: str, config, tokens: int) -> tuple[tuple[int, int, int], str]:
+  """The step's typical matmul `(m, k, n)` and what it is; `tokens` per example (the encoder's
+  grid for the FAE and the pixel decoder, the latent grid for the generators: both 8 x 8 in the
+  demo)."""
   if name == "fae":
-    t = config.fae.train.batch_size * 64
+    t = config.fae.train.batch_size * tokens
     w = config.fae.model.decoder_width
     return (t, w, w), f"feature decoder [{t}x{w}]@[{w}x{w}]"
   if name.startswith("pixel"):
     phase = config.pixel.noisy if name == "pixel" else config.pixel.finetune
-    tokens = (config.encoder.image_size // config.pixel.model.patch_size) ** 2
     t, w = phase.train.batch_size * tokens, config.pixel.model.width
     return (t, w, w), f"pixel ViT [{t}x{w}]@[{w}x{w}]"
   if name == "diffusion":
-    t, w = config.diffusion.train.batch_size * 64, config.diffusion.model.width
+    t, w = config.diffusion.train.batch_size * tokens, config.diffusion.model.width
     return (t, w, w), f"DiT [{t}x{w}]@[{w}x{w}]"
   if name == "flow":
-    t, w = config.flow.train.batch_size * 64, config.flow.model.width
+    t, w = config.flow.train.batch_size * tokens, config.flow.model.width
     return (t, w, w), f"TarFlow [{t}x{w}]@[{w}x{w}]"
   raise ValueError(name)
 
@@ -141,11 +149,12 @@ def measure(config_path: str, steps: list[str], iters: int, peak_n: int) -> list
   config = _load_config(config_path)
   mesh = sharding.make_mesh(-1, 1, jax.devices())
   peak = _matmul_rate(peak_n, peak_n, peak_n)
+  tokens = _tokens_per_example(config)
   out = []
   for name in steps:
     spec = aot.build_step(name, config, mesh)
     seconds = _time_train_step(spec, iters)
-    (m, k, n), what = _shape_ceiling(name, config)
+    (m, k, n), what = _shape_ceiling(name, config, tokens)
     ceiling = _matmul_rate(m, k, n)
     flops = spec.analytic_flops
     out.append(

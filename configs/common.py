@@ -266,6 +266,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.batch_size = 256
   e.probe_train_examples = 50_000  # real train examples for the class-consistency probe
   e.probe_steps = 500
+  e.probe_l2 = 1e-4  # weight of 0.5 * ||W||^2 in the probe (fae_jax.evaluation.linear_probe)
   e.grid_per_class = 8
   e.grid_upscale = 1
   # Samples (and held-out images) per resumable shard, eval/<generator>_<setting>/samples-*.npz;

@@ -432,7 +432,12 @@ def run(ctx: StageContext) -> dict:
   )
   floor = fd(real_train[:m], real_eval)
   probe = linear_probe.train_linear_probe(
-    real_train, real_train_y, num_classes, steps=int(ev.probe_steps), seed=config.seed
+    real_train,
+    real_train_y,
+    num_classes,
+    l2=float(ev.probe_l2),
+    steps=int(ev.probe_steps),
+    seed=config.seed,
   )
   metrics: dict[str, Any] = {
     "real": {

@@ -16,6 +16,16 @@ step's typical shape (`[batch x tokens, width] @ [width, width]`), measured the 
 model's matmuls cannot run faster than that on this CPU, whatever the rest of the step does, so
 a step at 30% MFU whose shape ceiling is 35% is bounded by its shapes, not by overheads.
 
+The last columns split the step: every `dot` of the compiled step (its optimized HLO) is run
+alone at its own shapes, dimension numbers and dtypes, and the times are summed ("dots alone").
+Their share of the step is the matmul part; the rest is everything else the step does (norms,
+activations, softmax, attention's reshapes, the loss, AdamW and the EMA). "MFU if only the dots
+ran" = analytic FLOPs / dots-alone time / peak: the MFU of this step with every non-matmul op
+free, so a step whose value is below 50% cannot reach 50% with these shapes on this CPU, and the
+gap between it and the MFU is what the non-matmul work costs. (The step's own dots may be faster,
+fused with a neighbour, or slower, on a transposed layout, than alone; and a dot inside a
+`while` loop counts once: the row says how many loops the HLO has.)
+
 `--baseline=REV` checks REV out into a temporary git worktree and runs this same script there
 (its `fae_jax`), alternating one step at a time between the two checkouts so both see the same
 machine load; it prints the ratio per step. The figures of one run compare; absolute times of
@@ -28,6 +38,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -138,6 +149,97 @@ def _shape_ceiling(name: str, config, tokens: int) -> tuple[tuple[int, int, int]
   raise ValueError(name)
 
 
+_HLO_VALUE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_HLO_DOT = re.compile(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)(.*)$")
+_HLO_DIMS = re.compile(r"(lhs|rhs)_(batch|contracting)_dims=\{([\d,]*)\}")
+
+
+def hlo_dots(hlo_text: str) -> list[dict]:
+  """Every `dot` of an optimized HLO module (`compiled.as_text()`): operand and output shapes,
+  dtypes, dimension numbers and FLOPs (2 x output elements x contracted size). A dot inside a
+  `while` body is listed once, whatever its trip count."""
+  shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+  lines = hlo_text.splitlines()
+  for line in lines:
+    m = _HLO_VALUE.match(line)
+    if m:
+      dims = tuple(int(d) for d in m.group(3).split(",") if d)
+      shapes[m.group(1)] = (m.group(2), dims)
+  dots = []
+  for line in lines:
+    value, dot = _HLO_VALUE.match(line), _HLO_DOT.search(line)
+    if not (value and dot):
+      continue
+    dims = {"lhs_batch": (), "rhs_batch": (), "lhs_contracting": (), "rhs_contracting": ()}
+    for side, kind, axes in _HLO_DIMS.findall(dot.group(3)):
+      dims[f"{side}_{kind}"] = tuple(int(a) for a in axes.split(",") if a)
+    (lhs_dtype, lhs), (rhs_dtype, rhs) = shapes[dot.group(1)], shapes[dot.group(2)]
+    out_dtype, out = shapes[value.group(1)]
+    contracted = 1
+    for axis in dims["lhs_contracting"]:
+      contracted *= lhs[axis]
+    out_size = 1
+    for d in out:
+      out_size *= d
+    dots.append(
+      {
+        "lhs": lhs,
+        "rhs": rhs,
+        "dtypes": (lhs_dtype, rhs_dtype, out_dtype),
+        "dims": dims,
+        "flops": 2 * out_size * contracted,
+      }
+    )
+  return dots
+
+
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
+
+
+def _dot_seconds(dot: dict, iters: int = 5) -> float:
+  """Best-of-`iters` seconds of one `dot` of `hlo_dots` run alone (jitted, row-major)."""
+  import jax
+  import jax.numpy as jnp
+
+  lhs_t, rhs_t, out_t = (jnp.dtype(_HLO_DTYPES[t]) for t in dot["dtypes"])
+  d = dot["dims"]
+  numbers = ((d["lhs_contracting"], d["rhs_contracting"]), (d["lhs_batch"], d["rhs_batch"]))
+  f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers, preferred_element_type=out_t))
+  a = jax.random.normal(jax.random.key(0), dot["lhs"], jnp.float32).astype(lhs_t)
+  b = jax.random.normal(jax.random.key(1), dot["rhs"], jnp.float32).astype(rhs_t)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def dot_breakdown(spec) -> dict:
+  """The step's dots timed one by one at their own shapes: how much of the step is matmul.
+
+  Returns the HLO's dot FLOPs, the summed seconds of its dots run alone (each distinct dot timed
+  once, multiplied by its count) and the number of dots."""
+  import collections
+
+  hlo = spec.fn.lower(*spec.args).compile().as_text()
+  dots = hlo_dots(hlo)
+  counts = collections.Counter(
+    (x["lhs"], x["rhs"], x["dtypes"], tuple(sorted(x["dims"].items()))) for x in dots
+  )
+  seconds = 0.0
+  for key, count in counts.items():
+    lhs, rhs, dtypes, dims = key
+    seconds += count * _dot_seconds({"lhs": lhs, "rhs": rhs, "dtypes": dtypes, "dims": dict(dims)})
+  return {
+    "hlo_dot_flops": float(sum(x["flops"] for x in dots)),
+    "dots_alone_s": seconds,
+    "num_dots": len(dots),
+    "while_loops": hlo.count(" while("),
+  }
+
+
 def measure(config_path: str, steps: list[str], iters: int, peak_n: int) -> list[dict]:
   """Times each step of `steps` in this process; returns one dict per step."""
   import jax
@@ -157,6 +259,7 @@ def measure(config_path: str, steps: list[str], iters: int, peak_n: int) -> list
     (m, k, n), what = _shape_ceiling(name, config, tokens)
     ceiling = _matmul_rate(m, k, n)
     flops = spec.analytic_flops
+    dots = dot_breakdown(spec)
     out.append(
       {
         "step": name,
@@ -171,6 +274,12 @@ def measure(config_path: str, steps: list[str], iters: int, peak_n: int) -> list
         "mfu": round(flops / seconds / peak, 3),
         "shape": what,
         "shape_ceiling": round(ceiling / peak, 3),
+        "hlo_dot_gflop": round(dots["hlo_dot_flops"] / 1e9, 2),
+        "num_dots": dots["num_dots"],
+        "while_loops": dots["while_loops"],
+        "dots_alone_ms": round(dots["dots_alone_s"] * 1e3, 2),
+        "dot_share": round(dots["dots_alone_s"] / seconds, 3),
+        "mfu_if_only_dots": round(flops / dots["dots_alone_s"] / peak, 3),
       }
     )
   return out
@@ -208,6 +317,7 @@ def _child(checkout: pathlib.Path, args, step: str) -> dict:
 
 def _table(rows: list[dict], baseline: dict[str, dict] | None) -> str:
   cols = ["step", "batch", "ms/step", "steps/s", "examples/s", "GFLOP/s", "MFU", "shape ceiling"]
+  cols += ["dots alone: ms (share of step)", "MFU if only the dots ran"]
   if baseline:
     cols += ["baseline ms/step", "baseline MFU", "speed-up"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -221,6 +331,8 @@ def _table(rows: list[dict], baseline: dict[str, dict] | None) -> str:
       f"{r['gflop_per_s']:.1f}",
       f"{r['mfu']:.1%}",
       f"{r['shape_ceiling']:.1%} ({r['shape']})",
+      f"{r['dots_alone_ms']:.1f} ({r['dot_share']:.0%}, {r['num_dots']} dots)",
+      f"{r['mfu_if_only_dots']:.1%}",
     ]
     if baseline:
       b = baseline[r["step"]]

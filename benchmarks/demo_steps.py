@@ -69,14 +69,18 @@ def _matmul_rate(m: int, k: int, n: int, iters: int = 5) -> float:
 
   a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
+  return 2.0 * m * k * n / _best_seconds(jax.jit(lambda x, y: x @ y), a, b, iters)
+
+
+def _best_seconds(f, a, b, iters: int) -> float:
+  """Best-of-`iters` seconds of `f(a, b)` after one warm-up call."""
   f(a, b).block_until_ready()
   best = float("inf")
   for _ in range(iters):
     t0 = time.perf_counter()
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  return 2.0 * m * k * n / best
+  return best
 
 
 def _concrete(tree, seed: int):
@@ -207,13 +211,7 @@ def _dot_seconds(dot: dict, iters: int = 5) -> float:
   f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers, preferred_element_type=out_t))
   a = jax.random.normal(jax.random.key(0), dot["lhs"], jnp.float32).astype(lhs_t)
   b = jax.random.normal(jax.random.key(1), dot["rhs"], jnp.float32).astype(rhs_t)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return best
+  return _best_seconds(f, a, b, iters)
 
 
 def dot_breakdown(spec) -> dict:

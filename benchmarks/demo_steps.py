@@ -24,7 +24,7 @@ ran" = analytic FLOPs / dots-alone time / peak: the MFU of this step with every 
 free, so a step whose value is below 50% cannot reach 50% with these shapes on this CPU, and the
 gap between it and the MFU is what the non-matmul work costs. (The step's own dots may be faster,
 fused with a neighbour, or slower, on a transposed layout, than alone; and a dot inside a
-`while` loop counts once: the row says how many loops the HLO has.)
+`while` loop counts once: the JSON row's `while_loops` says how many loops the HLO has.)
 
 `--baseline=REV` checks REV out into a temporary git worktree and runs this same script there
 (its `fae_jax`), alternating one step at a time between the two checkouts so both see the same
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import re
@@ -179,19 +180,14 @@ def hlo_dots(hlo_text: str) -> list[dict]:
       dims[f"{side}_{kind}"] = tuple(int(a) for a in axes.split(",") if a)
     (lhs_dtype, lhs), (rhs_dtype, rhs) = shapes[dot.group(1)], shapes[dot.group(2)]
     out_dtype, out = shapes[value.group(1)]
-    contracted = 1
-    for axis in dims["lhs_contracting"]:
-      contracted *= lhs[axis]
-    out_size = 1
-    for d in out:
-      out_size *= d
+    contracted = math.prod(lhs[axis] for axis in dims["lhs_contracting"])
     dots.append(
       {
         "lhs": lhs,
         "rhs": rhs,
         "dtypes": (lhs_dtype, rhs_dtype, out_dtype),
         "dims": dims,
-        "flops": 2 * out_size * contracted,
+        "flops": 2 * math.prod(out) * contracted,
       }
     )
   return dots
@@ -219,17 +215,13 @@ def dot_breakdown(spec) -> dict:
 
   Returns the HLO's dot FLOPs, the summed seconds of its dots run alone (each distinct dot timed
   once, multiplied by its count) and the number of dots."""
-  import collections
-
   hlo = spec.fn.lower(*spec.args).compile().as_text()
   dots = hlo_dots(hlo)
-  counts = collections.Counter(
-    (x["lhs"], x["rhs"], x["dtypes"], tuple(sorted(x["dims"].items()))) for x in dots
-  )
-  seconds = 0.0
-  for key, count in counts.items():
-    lhs, rhs, dtypes, dims = key
-    seconds += count * _dot_seconds({"lhs": lhs, "rhs": rhs, "dtypes": dtypes, "dims": dict(dims)})
+  distinct: dict[tuple, list] = {}  # same shapes, dtypes and dimension numbers -> [dot, count]
+  for x in dots:
+    key = (x["lhs"], x["rhs"], x["dtypes"], tuple(x["dims"].values()))
+    distinct.setdefault(key, [x, 0])[1] += 1
+  seconds = sum(count * _dot_seconds(x) for x, count in distinct.values())
   return {
     "hlo_dot_flops": float(sum(x["flops"] for x in dots)),
     "dots_alone_s": seconds,

@@ -28,7 +28,9 @@ fused with a neighbour, or slower, on a transposed layout, than alone; and a dot
 
 `--baseline=REV` checks REV out into a temporary git worktree and runs this same script there
 (its `fae_jax`), alternating one step at a time between the two checkouts so both see the same
-machine load; it prints the ratio per step. The figures of one run compare; absolute times of
+machine load; it prints the ratio per step. Each child process sets up host memory as its
+checkout's `python -m fae_jax.main` does (`fae_jax.host_memory`; glibc's defaults for a commit
+older than it, or with `FAE_JAX_HOST_MALLOC=system`), and the JSON rows say which. The figures of one run compare; absolute times of
 different runs do not (the machine's speed varies up to 2x).
 """
 
@@ -50,6 +52,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = ("fae", "pixel", "pixel_finetune", "diffusion", "flow")
+
+if "--child" in sys.argv:
+  # Each step measured as its checkout's train loop runs it: with that checkout's host-memory
+  # set-up (`fae_jax.host_memory`: huge pages for XLA's per-step temporaries on a CPU host); a
+  # checkout older than that module runs with glibc's defaults, as its train loop did.
+  try:
+    from fae_jax import host_memory
+  except ImportError:
+    host_memory = None
+  if host_memory is not None:
+    host_memory.reexec_with_huge_pages()
 
 
 def _time(fn, iters: int) -> float:
@@ -270,6 +283,7 @@ def measure(config_path: str, steps: list[str], iters: int, peak_n: int) -> list
         "dots_alone_ms": round(dots["dots_alone_s"] * 1e3, 2),
         "dot_share": round(dots["dots_alone_s"] / seconds, 3),
         "mfu_if_only_dots": round(flops / dots["dots_alone_s"] / peak, 3),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       }
     )
   return out
@@ -349,6 +363,7 @@ def main():
     rows = [_child(REPO, args, s) for s in steps]
     print(json.dumps(rows, indent=1))
     print(_table(rows, None))
+    print(f"GLIBC_TUNABLES: {rows[0].get('glibc_tunables') or '(none)'}")
     return
   with tempfile.TemporaryDirectory(prefix="demo_steps_") as tmp:
     worktree = pathlib.Path(tmp) / "baseline"
@@ -368,6 +383,8 @@ def main():
   print(json.dumps({"current": rows, "baseline": base}, indent=1))
   print(f"baseline: {args.baseline}")
   print(_table(rows, base))
+  for what, r in (("this checkout", rows[0]), ("baseline", next(iter(base.values())))):
+    print(f"GLIBC_TUNABLES of {what}: {r.get('glibc_tunables') or '(none)'}")
 
 
 if __name__ == "__main__":

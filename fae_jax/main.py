@@ -17,13 +17,19 @@ import time
 
 # Before jax initialises its backends.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if __name__ == "__main__":
+  # On a CPU host: once, re-executed with huge pages for XLA's large host allocations
+  # (fae_jax.host_memory), before any thread starts.
+  from fae_jax import host_memory
+
+  host_memory.reexec_with_huge_pages()
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fae_jax import config_checks, fileio, multihost, stage_records  # noqa: E402
+from fae_jax import config_checks, fileio, host_memory, multihost, stage_records  # noqa: E402
 from fae_jax import report as report_lib  # noqa: E402
 from fae_jax.stages import STAGES, StageContext  # noqa: E402
 from fae_jax.train.checkpoint import absolute_path  # noqa: E402
@@ -115,6 +121,7 @@ def run_stages(config, workdir: epath.Path, redo: str = "") -> dict:
 
 
 def main(argv):
+  logging.info(host_memory.describe())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   multihost.initialize(

@@ -82,8 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = ml_collections.FieldReference(None, field_type=int)  # None: native size
   c.data.random_flip = False
   c.data.num_workers = 0  # grain worker processes (0: in-process)
-  c.data.read_threads = 8  # grain read threads per process
-  c.data.prefetch_buffer_size = 128  # grain read-ahead, in examples
+  # Image sources: grain read threads; caches: > 0 reads batches ahead in one background thread.
+  c.data.read_threads = 8
+  c.data.prefetch_buffer_size = 128  # read-ahead, in examples
   # How processes split the data (fae_jax.data.pipeline): 'global' = one stream for the job, the
   # same for any process count; 'shard' = each host reads whole cache shards of its own.
   c.data.process_split = "global"

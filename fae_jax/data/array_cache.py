@@ -547,6 +547,30 @@ class CacheSource:
   def __getitems__(self, indices: Sequence[SupportsIndex]) -> list[dict[str, np.ndarray]]:
     return [decode_example(self.fields, r) for r in self._source.__getitems__(indices)]
 
+  def read_batch(self, indices: Sequence[SupportsIndex]) -> dict[str, np.ndarray]:
+    """Examples `indices` as one dict of stacked arrays `{field: [len(indices), *shape]}`.
+
+    The same values as `np.stack` over `source[i]`, decoded as one `[n, record_bytes]` buffer
+    (one copy per field) instead of record by record: the training batches' reader
+    (`pipeline.make_cache_dataset`) spends no Python per example here.
+    """
+    indices = [i.__index__() for i in indices]
+    bad = [i for i in indices if not 0 <= i < len(self)]
+    if bad:
+      raise IndexError(f"cache indices {bad[:5]} not in [0, {len(self)})")
+    records = self._source.__getitems__(indices) if indices else []
+    width = sum(f.nbytes for f in self.fields)
+    wrong = {len(r) for r in records} - {width}
+    if wrong:
+      raise ValueError(f"cache records of {sorted(wrong)} bytes, but the spec needs {width}")
+    rows = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), width)
+    out, offset = {}, 0
+    for f in self.fields:
+      column = np.ascontiguousarray(rows[:, offset : offset + f.nbytes])
+      out[f.name] = column.view(f.dtype).reshape(len(records), *f.shape)
+      offset += f.nbytes
+    return out
+
   def shard_files(self) -> list[str]:
     """The shard file names this source reads (all of them, or a `subset`'s)."""
     return [self.manifest["shards"][i]["file"] for i in self.shards]

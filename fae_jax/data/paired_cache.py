@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,4 +36,27 @@ class PairedCacheSource:
       "features": record["features"],
       "image": pipeline.center_crop_adm(image["image"], self.image_size),
       "valid": np.uint8(1),
+    }
+
+  def read_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """`{'features', 'image', 'valid'}` of examples `indices`, stacked (`pipeline`'s batched
+    reader): the features in one read of the cache, the images one by one; an example whose
+    feature record or image is invalid has `valid = 0` and a zero image."""
+    cached = self.cache.read_batch(indices)
+    valid = cached.get("valid", np.ones(len(indices), np.uint8)).astype(bool)
+    images = []
+    for ok, record_id in zip(valid, cached["id"]):
+      image = self.images[int(record_id)] if ok else None
+      images.append(
+        None if image is None else pipeline.center_crop_adm(image["image"], self.image_size)
+      )
+    shapes = {im.shape for im in images if im is not None}
+    if len(shapes) > 1:
+      raise ValueError(f"images of different shapes {sorted(shapes)} in one batch")
+    shape = shapes.pop() if shapes else (0, 0, 3)
+    blank = np.zeros(shape, np.uint8)
+    return {
+      "features": cached["features"],
+      "image": np.stack([blank if im is None else im for im in images]),
+      "valid": np.asarray([im is not None for im in images], np.uint8),
     }

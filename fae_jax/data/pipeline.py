@@ -30,6 +30,10 @@ Every pipeline's iterator is checkpointable: `state = it.get_state()`, and a fre
 same dataset with `it2.set_state(state)` yields exactly the batches `it` would have yielded next.
 With Orbax, use `checkpoint_save_args(it)` / `checkpoint_restore_args(it)` as the `data` item.
 
+Caches (`make_cache_dataset`) take the same shuffled, repeated, process-split stream of
+indices, but read each batch's records together (`_CacheBatchIterator`): grain's per-record
+stages cost more than the demo's small steps (README, "Speed of the demo's steps", finding 10).
+
 Config fields read (`config.data`): `process_split` (`"global"` | `"shard"`, above),
 `image_size` (int, or None for the native size),
 `random_flip` (bool, default False), `num_workers` (grain worker processes, default 0: in-process,
@@ -39,7 +43,10 @@ plus the source fields documented in `sources.make_source`.
 
 from __future__ import annotations
 
+import functools
 import math
+import queue
+import threading
 from typing import Any
 
 import grain
@@ -468,6 +475,13 @@ def make_cache_dataset(
   shuffled with `(seed, p)`; the shard counts per host may differ by one shard, which only
   matters for finite `num_epochs`. Records whose `valid` field is 0 (images that could not be
   decoded when the cache was written) are dropped after the split.
+
+  Reading: grain computes the stream of source indices; the records of each batch are read and
+  decoded together (`source.read_batch` when the source has it, as `CacheSource` and
+  `PairedCacheSource` do) by `_CacheBatchIterator`, with no per-record grain stages. With
+  `data.read_threads > 0` (default 8) one background thread reads
+  `ceil(data.prefetch_buffer_size / batch_size)` batches ahead; with 0 every batch is read in
+  `next()`. The batches are those of grain's per-record chain either way (tested).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
@@ -489,15 +503,177 @@ def make_cache_dataset(
   if len(source) < (process_count if split_mode == "global" else 1):
     raise ValueError(f"{len(source)} cached examples cannot be split over {process_count} hosts.")
   stream = process_index if split_mode == "shard" else 0
-  ds = grain.MapDataset.source(source)
+  # The stream of source indices: the same shuffle, repeat and process rows as a grain chain
+  # over the records would give (tested), read batch by batch.
+  positions = grain.MapDataset.range(len(source))
   if shuffle:
-    ds = ds.shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM, stream))
-  ds = ds.repeat(num_epochs)
+    positions = positions.shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM, stream))
+  positions = positions.repeat(num_epochs)
   if split_mode == "global":
-    ds = _ProcessRows(ds, batch_size, process_index, process_count)
-  options = _read_options(data_config or ml_collections.ConfigDict())
-  iter_ds = ds.to_iter_dataset(options).filter(_is_valid)
-  return iter_ds.batch(batch_size, drop_remainder=drop_remainder)
+    positions = _ProcessRows(positions, batch_size, process_index, process_count)
+  data_config = data_config or ml_collections.ConfigDict()
+  threads = int(data_config.get("read_threads", 8))
+  ahead = -(-int(data_config.get("prefetch_buffer_size", 128)) // batch_size) if threads else 0
+  return _CacheBatches(source, positions, batch_size, drop_remainder, ahead)
+
+
+class _CacheBatches(grain.IterDataset):
+  """Batches of a cache source read along a stream of source indices (`_CacheBatchIterator`)."""
+
+  def __init__(self, source, positions, batch_size, drop_remainder, prefetch_batches):
+    super().__init__()
+    self._source, self._positions = source, positions
+    self._batch_size, self._drop_remainder = batch_size, drop_remainder
+    self._prefetch_batches = prefetch_batches
+
+  def __iter__(self) -> _CacheBatchIterator:
+    return _CacheBatchIterator(
+      self._source,
+      self._positions,
+      self._batch_size,
+      self._drop_remainder,
+      self._prefetch_batches,
+    )
+
+  def __str__(self) -> str:
+    return f"CacheBatches(batch={self._batch_size}, prefetch={self._prefetch_batches})"
+
+
+def _read_rows(source: Any, indices: list[int]) -> Batch:
+  """Stacked examples `indices`: the source's own `read_batch` when it has one."""
+  if hasattr(source, "read_batch"):
+    return source.read_batch(indices)
+  records = [source[i] for i in indices]
+  records = [r for r in records if r is not None and _is_valid(r)]
+  if not records:
+    return {"valid": np.zeros(0, np.uint8)}
+  return {k: np.stack([r[k] for r in records]) for k in records[0]}
+
+
+class _CacheBatchIterator(grain.DatasetIterator):
+  """Checkpointable batches of a cache: stream positions `pos, pos + 1, ...` -> source indices ->
+  one batched read -> rows with `valid == 0` dropped -> the next `batch_size` rows.
+
+  The same batches as grain's per-record chain (`to_iter_dataset().filter(valid).batch(B)` over
+  the shuffled, repeated, process-split records; tested), without grain's per-record Python:
+  that chain cost 16-23 ms per batch of 64 cached latents on the demo's CPU (its prefetch scans
+  its whole read-ahead buffer for every record), this one well under 1 ms (README, "Speed of
+  the demo's steps", finding 10). The state is the next batch's first stream position. With
+  `prefetch_batches > 0` one background thread reads that many batches ahead, in order; a
+  reader error is raised by the `next()` that would have returned its batch.
+  """
+
+  def __init__(self, source, positions, batch_size, drop_remainder, prefetch_batches):
+    super().__init__()
+    self._source, self._positions = source, positions
+    self._batch_size, self._drop_remainder = batch_size, drop_remainder
+    self._prefetch_batches = prefetch_batches
+    self._pos = 0
+    self._queue: queue.Queue | None = None
+    self._stop: threading.Event | None = None
+    self._thread: threading.Thread | None = None
+
+  def _stop_prefetch(self) -> None:
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+    self._queue = self._stop = self._thread = None
+
+  def __next__(self) -> Batch:
+    if not self._prefetch_batches:
+      batch, after = _read_batch_at(
+        self._source, self._positions, self._batch_size, self._drop_remainder, self._pos
+      )
+    else:
+      if self._thread is None:
+        self._queue, self._stop = queue.Queue(self._prefetch_batches), threading.Event()
+        # The thread holds no reference to the iterator, so a dropped iterator is collected
+        # and its __del__ stops the thread.
+        read = functools.partial(
+          _read_batch_at, self._source, self._positions, self._batch_size, self._drop_remainder
+        )
+        self._thread = threading.Thread(
+          target=_produce_batches,
+          args=(read, self._pos, self._queue, self._stop),
+          name="fae-jax-cache-reader",
+          daemon=True,
+        )
+        self._thread.start()
+      pos, batch, after, error = self._queue.get()
+      assert pos == self._pos, (pos, self._pos)
+      if error is not None:
+        self._stop_prefetch()
+        raise error
+    if batch is None:
+      self._stop_prefetch()
+      raise StopIteration
+    self._pos = after
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next_position": self._pos}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if set(state) != {"next_position"}:
+      raise ValueError(
+        f"a cache reader state needs exactly 'next_position', got {sorted(state)} (a checkpoint "
+        "of another data pipeline: restart the stage with --redo)."
+      )
+    self._stop_prefetch()
+    self._pos = int(state["next_position"])
+
+  def close(self) -> None:
+    self._stop_prefetch()
+    super().close()
+
+  def __del__(self):
+    if getattr(self, "_stop", None) is not None:
+      self._stop.set()
+
+
+def _read_batch_at(
+  source: Any, positions: Any, batch_size: int, drop_remainder: bool, pos: int
+) -> tuple[Batch | None, int]:
+  """`(the batch starting at stream position pos, the position after it)`; None at the end."""
+  length = len(positions)
+  parts, rows = [], 0
+  while rows < batch_size and pos < length:
+    end = min(pos + batch_size - rows, length)
+    indices = [int(positions[p]) for p in range(pos, end)]
+    pos = end
+    part = _read_rows(source, indices)
+    keep = part.get("valid")
+    if keep is not None and not keep.all():
+      part = {k: v[keep.astype(bool)] for k, v in part.items()}
+    n = len(next(iter(part.values())))
+    if n:
+      parts.append(part)
+      rows += n
+  if not rows or (rows < batch_size and drop_remainder):
+    return None, pos
+  if len(parts) == 1:
+    return parts[0], pos
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, pos
+
+
+def _produce_batches(read, pos: int, out: queue.Queue, stop: threading.Event) -> None:
+  """The read-ahead thread: `(pos, batch, next pos, error)` items in stream order until the end,
+  an error or `stop`."""
+  while not stop.is_set():
+    try:
+      batch, after = read(pos)
+      item = (pos, batch, after, None)
+    except Exception as e:  # noqa: BLE001 - handed to the consumer, raised there
+      item = (pos, None, pos, e)
+    while not stop.is_set():
+      try:
+        out.put(item, timeout=0.1)
+        break
+      except queue.Full:
+        continue
+    if item[1] is None:
+      return
+    pos = after
 
 
 def make_train_image_iter(config: ml_collections.ConfigDict, batch_size: int) -> Any:

@@ -10,26 +10,31 @@ from fae_jax.data import array_cache, pipeline
 SPEC = {"x": ((2,), "float32"), "label": ((), "int32"), "id": ((), "int64")}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("cache")
-  total, per_shard = 50, 8  # 7 shards, the last one short
+def _write_cache(directory, *, with_valid=False):
+  """50 examples in 7 shards of 8 (the last one short); `with_valid` adds a `valid` field that
+  marks every example with id % 7 == 3 invalid."""
+  spec = {**SPEC, "valid": ((), "uint8")} if with_valid else SPEC
   writer = array_cache.CacheWriter(
-    directory, SPEC, total=total, examples_per_shard=per_shard, metadata={"kind": "test"}
+    directory, spec, total=50, examples_per_shard=8, metadata={"kind": "test"}
   )
   for shard in writer.pending_shards():
     start, end = writer.shard_range(shard)
     ids = np.arange(start, end)
-    writer.write_shard(
-      shard,
-      {
-        "x": np.stack([ids, -ids], 1).astype(np.float32),
-        "label": (ids % 3).astype(np.int32),
-        "id": ids,
-      },
-    )
+    fields = {
+      "x": np.stack([ids, -ids], 1).astype(np.float32),
+      "label": (ids % 3).astype(np.int32),
+      "id": ids,
+    }
+    if with_valid:
+      fields["valid"] = (ids % 7 != 3).astype(np.uint8)
+    writer.write_shard(shard, fields)
   writer.finalize()
   return directory
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return _write_cache(tmp_path_factory.mktemp("cache"))
 
 
 def _ids(ds, n):
@@ -130,30 +135,10 @@ def test_shard_split_needs_a_shard_per_process(cache):
 # The batched reader against grain's per-record chain.
 # ----------------------------------------------------------------------------------------------
 
-VALID_SPEC = {**SPEC, "valid": ((), "uint8")}
-
 
 @pytest.fixture(scope="module")
 def cache_with_invalid(tmp_path_factory):
-  """50 examples in 7 shards; every example with id % 7 == 3 is marked invalid."""
-  directory = tmp_path_factory.mktemp("cache_invalid")
-  writer = array_cache.CacheWriter(
-    directory, VALID_SPEC, total=50, examples_per_shard=8, metadata={"kind": "test"}
-  )
-  for shard in writer.pending_shards():
-    start, end = writer.shard_range(shard)
-    ids = np.arange(start, end)
-    writer.write_shard(
-      shard,
-      {
-        "x": np.stack([ids, -ids], 1).astype(np.float32),
-        "label": (ids % 3).astype(np.int32),
-        "id": ids,
-        "valid": (ids % 7 != 3).astype(np.uint8),
-      },
-    )
-  writer.finalize()
-  return directory
+  return _write_cache(tmp_path_factory.mktemp("cache_invalid"), with_valid=True)
 
 
 def _per_record_chain(source, *, batch_size, seed, num_epochs, drop_remainder, index, count, mode):
@@ -249,7 +234,7 @@ def test_read_batch_equals_stacked_records(cache_with_invalid):
   source = array_cache.CacheSource(cache_with_invalid, stage="test")
   indices = [7, 0, 49, 3, 3]
   got = source.read_batch(indices)
-  for k in VALID_SPEC:
+  for k in (*SPEC, "valid"):
     np.testing.assert_array_equal(got[k], np.stack([source[i][k] for i in indices]))
     assert got[k].dtype == source[0][k].dtype and got[k].flags.writeable
   with pytest.raises(IndexError, match="50"):

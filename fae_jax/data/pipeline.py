@@ -565,9 +565,10 @@ class _CacheBatchIterator(grain.DatasetIterator):
 
   def __init__(self, source, positions, batch_size, drop_remainder, prefetch_batches):
     super().__init__()
-    self._source, self._positions = source, positions
-    self._batch_size, self._drop_remainder = batch_size, drop_remainder
     self._prefetch_batches = prefetch_batches
+    # Holds no reference to the iterator, so the read-ahead thread does not keep a dropped
+    # iterator alive (its __del__ stops the thread).
+    self._read = functools.partial(_read_batch_at, source, positions, batch_size, drop_remainder)
     self._pos = 0
     self._queue: queue.Queue | None = None
     self._stop: threading.Event | None = None
@@ -581,20 +582,13 @@ class _CacheBatchIterator(grain.DatasetIterator):
 
   def __next__(self) -> Batch:
     if not self._prefetch_batches:
-      batch, after = _read_batch_at(
-        self._source, self._positions, self._batch_size, self._drop_remainder, self._pos
-      )
+      batch, after = self._read(self._pos)
     else:
       if self._thread is None:
         self._queue, self._stop = queue.Queue(self._prefetch_batches), threading.Event()
-        # The thread holds no reference to the iterator, so a dropped iterator is collected
-        # and its __del__ stops the thread.
-        read = functools.partial(
-          _read_batch_at, self._source, self._positions, self._batch_size, self._drop_remainder
-        )
         self._thread = threading.Thread(
           target=_produce_batches,
-          args=(read, self._pos, self._queue, self._stop),
+          args=(self._read, self._pos, self._queue, self._stop),
           name="fae-jax-cache-reader",
           daemon=True,
         )

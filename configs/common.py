@@ -182,6 +182,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Examples of each batch that get the perceptual term (every (batch / perc_examples)-th); 0 = all.
   # 'dino' runs the frozen encoder forward and backward on each: the cost is per example.
   loss.perc_examples = 0
+  # The perceptual term on every `perc_every`-th step of its phases only (1 = every step); on the
+  # others the frozen network does not run at all.
+  loss.perc_every = 1
   loss.lpips_dir = ""  # output of `python -m fae_jax.convert lpips ...` (perceptual='lpips')
   loss.gan_weight = 0.5  # 0 = no discriminator at all
   loss.adaptive_gan_weight = True  # VQGAN: scale by ||g_rec|| / ||g_gan|| at the last layer

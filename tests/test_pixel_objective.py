@@ -48,12 +48,12 @@ def _pixel_config(**loss):
   return p
 
 
-def _loss(p, setup, phase="noisy"):
+def _loss(p, setup, phase="noisy", step=0):
   images, features, encoder_params, decoder_params, models = setup
   loss_fn = objective.make_loss_fn(p, phase, models)
   batch = {"image": images, "features": features}
   return loss_fn(
-    {"decoder": decoder_params}, batch, jax.random.key(2), {"encoder": encoder_params}, step=0
+    {"decoder": decoder_params}, batch, jax.random.key(2), {"encoder": encoder_params}, step=step
   )
 
 
@@ -78,6 +78,41 @@ def test_perceptual_only_in_the_listed_phases(setup):
   assert "perceptual" not in metrics and loss == metrics["rec"]
   assert objective.perceptual_active(p.loss, "finetune")
   assert not objective.perceptual_active(p.loss, "noisy")
+
+
+def test_perceptual_every_k_th_step_only_and_zero_with_no_gradient_between(setup):
+  images, features, encoder_params, decoder_params, models = setup
+  batch = {"image": images, "features": features}
+
+  def loss_and_grad(p):
+    loss_fn = objective.make_loss_fn(p, "noisy", models)
+
+    @jax.jit
+    def f(params, step):
+      return jax.value_and_grad(
+        lambda q: loss_fn(
+          {"decoder": q}, batch, jax.random.key(2), {"encoder": encoder_params}, step=step
+        ),
+        has_aux=True,
+      )(params)
+
+    return f
+
+  every3 = loss_and_grad(_pixel_config(perc_examples=2, perc_every=3))
+  always = loss_and_grad(_pixel_config(perc_examples=2))
+  never = loss_and_grad(_pixel_config(perc_examples=2, perc_weight=0.0))
+  for step in range(7):
+    (loss, metrics), grads = every3(decoder_params, jnp.int32(step))
+    (ref, ref_metrics), ref_grads = (always if step % 3 == 0 else never)(
+      decoder_params, jnp.int32(step)
+    )
+    np.testing.assert_allclose(loss, ref, rtol=1e-6)
+    np.testing.assert_allclose(metrics["perceptual"], ref_metrics.get("perceptual", 0.0))
+    if step % 3 == 0:
+      assert metrics["perceptual"] > 0
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads
+    )
 
 
 def test_dino_feature_loss_to_matches_encoding_the_targets():
@@ -107,6 +142,12 @@ def test_bad_perceptual_settings_name_the_fix():
   with pytest.raises(ValueError, match="perc_examples=3 must divide"):
     pixel_stage.check_config(config)
   p.loss.perc_examples = 0
+  for bad in (0, -2):
+    p.loss.perc_every = bad
+    with pytest.raises(ValueError, match="perc_every must be an integer >= 1"):
+      pixel_stage.check_config(config)
+  p.loss.perc_every = 4
+  pixel_stage.check_config(config)
   p.loss.perc_phases = ("noisy", "fine")
   with pytest.raises(ValueError, match="perc_phases has \\['fine'\\]"):
     pixel_stage.check_config(config)

@@ -43,8 +43,8 @@ def tiny_config(make_config):
 
 @pytest.fixture(scope="module")
 def gan_run(tmp_path_factory, tiny_pipeline_config, patch_small_encoder):
-  """convert, encode, fae and pixel (cached features, DINO perceptual loss, adaptive GAN from
-  step 2 of `noisy` and step 0 of `finetune`), run once for the tests below."""
+  """convert, encode, fae and pixel (cached features, DINO perceptual loss on every 2nd step,
+  adaptive GAN from step 2 of `noisy` and step 0 of `finetune`), run once for the tests below."""
   workdir = epath.Path(tmp_path_factory.mktemp("pixel_gan"))
   config = tiny_config(tiny_pipeline_config)
   config.stages = ("convert", "encode", "fae", "pixel")
@@ -52,6 +52,7 @@ def gan_run(tmp_path_factory, tiny_pipeline_config, patch_small_encoder):
   p.input = "cache"
   p.loss.perceptual, p.loss.perc_weight = "dino", 0.1
   p.loss.perc_phases, p.loss.perc_examples = ("noisy", "finetune"), 0
+  p.loss.perc_every = 2  # on the phase-local steps 0, 2, ...
   p.loss.gan_weight = 0.5
   p.noisy.gan_start, p.finetune.gan_start = GAN_START, 0
   with pytest.MonkeyPatch.context() as mp:
@@ -109,7 +110,8 @@ def test_gan_terms_are_zero_before_gan_start(gan_run):
     before = r["step"] - 1 < GAN_START
     for key in ("train/gan_weight", "train/gan_term", "train/d_loss", "train/gan_active"):
       assert (r[key] == 0.0) == before, (r["step"], key, r[key])
-    assert r["train/perceptual"] > 0.0
+    # The perceptual term on every 2nd step (`perc_every`), exactly 0 on the others.
+    assert (r["train/perceptual"] > 0.0) == ((r["step"] - 1) % 2 == 0), r
     # The total adds the generator and discriminator objectives, nothing else.
     assert r["train/loss"] == pytest.approx(r["train/gen_loss"] + r["train/d_loss"], rel=1e-5)
   assert all(r["train/gan_active"] == 1.0 for r in _log_rows(workdir, "finetune"))

@@ -5,7 +5,8 @@
     clean features `x` of the source image (offline; the encoder weights are already there), or
     'lpips' (LPIPS-VGG from weights converted with `python -m fae_jax.convert lpips`), or 'none';
     in the phases `loss.perc_phases`, on every `B / loss.perc_examples`-th example of the batch
-    (0: all);
+    (0: all), on the phase-local steps `step % loss.perc_every == 0` (a `lax.cond`: on the other
+    steps the frozen encoder does not run and the term is 0);
   * GAN: a PatchGAN (`fae_jax.models.discriminator`, the discriminator of VQGAN and TiTok) with
     hinge losses, both switched on at the phase-local step `gan_start`, the generator term
     optionally scaled by VQGAN's adaptive weight. Generator and discriminator share ONE param tree
@@ -72,35 +73,72 @@ def perceptual_subset(batch_size: int, perc_examples: int) -> int:
   return batch_size // perc_examples
 
 
+def perceptual_every(loss_cfg) -> int:
+  """`loss.perc_every`: the perceptual term runs on the phase-local steps divisible by it."""
+  every = loss_cfg.get("perc_every", 1)
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise ValueError(
+      f"config.pixel.loss.perc_every must be an integer >= 1 (1 = every step), got {every!r}."
+    )
+  return every
+
+
 def perceptual_fn(
-  loss_cfg, models: PixelModels, frozen: dict[str, Any], phase: str, x: jax.Array, batch_size: int
+  loss_cfg,
+  models: PixelModels,
+  frozen: dict[str, Any],
+  phase: str,
+  x: jax.Array,
+  batch_size: int,
+  step: jax.Array | int = 0,
 ):
   """`(target, recon) -> scalar` of `loss_cfg.perceptual` in phase `phase`, None when off.
 
-  On every `perceptual_subset(batch_size, loss_cfg.perc_examples)`-th example. 'dino' matches
-  the encoder's features of the reconstruction to the clean features `x` of the source images
-  (what the decoder's input stands for; one encoder forward less than encoding `target`);
-  'lpips' compares the reconstruction with `target`.
+  On every `perceptual_subset(batch_size, loss_cfg.perc_examples)`-th example, on the steps
+  with `step % loss_cfg.perc_every == 0` (0 on the others, where the frozen network does not
+  run). 'dino' matches the encoder's features of the reconstruction to the clean features `x` of
+  the source images (what the decoder's input stands for; one encoder forward less than encoding
+  `target`); 'lpips' compares the reconstruction with `target`.
   """
   if not perceptual_active(loss_cfg, phase):
     return None
   stride = perceptual_subset(batch_size, int(loss_cfg.get("perc_examples", 0)))
+  every = perceptual_every(loss_cfg)
   if loss_cfg.perceptual == "dino":
     encode_fn = functools.partial(
       encode_images, models.spec, frozen["encoder"], dtype=models.encoder_dtype
     )
     x_sub = x[::stride]
 
-    def dino(target, recon):
+    def term(target, recon):
       del target
       return pixel_terms.dino_feature_loss_to(encode_fn, x_sub, recon[::stride])
 
-    return dino
+  else:
 
-  def lpips(target, recon):
-    return pixel_terms.lpips_loss(frozen["lpips"], target[::stride], recon[::stride])
+    def term(target, recon):
+      return pixel_terms.lpips_loss(frozen["lpips"], target[::stride], recon[::stride])
 
-  return lpips
+  if every == 1:
+    return term
+
+  def on(target, recon):
+    value, vjp = jax.vjp(lambda r: term(target, r).astype(jnp.float32), recon)
+    return value, vjp(jnp.ones((), jnp.float32))[0]
+
+  def off(target, recon):
+    return jnp.zeros((), jnp.float32), jnp.zeros_like(recon)
+
+  def on_some_steps(target, recon):
+    # The branch computes the term's value and its gradient with respect to `recon` itself, on
+    # constants: differentiating through a `cond` would make the skipped steps write out zeros
+    # for every residual of the frozen network's backward pass (tens of MB per step).
+    const = jax.lax.stop_gradient(recon)
+    value, grad = jax.lax.cond(jnp.asarray(step) % every == 0, on, off, target, const)
+    # The value is `value`; the gradient with respect to `recon` is `grad` (0 off the steps).
+    return value + jnp.sum(jax.lax.stop_gradient(grad) * (recon - const))
+
+  return on_some_steps
 
 
 def make_loss_fn(
@@ -140,7 +178,7 @@ def make_loss_fn(
       tokens = models.fae.apply({"params": fae_params}, z, method=fae_model.Fae.decode)
       tokens = jax.lax.stop_gradient(tokens)
     target = resize_images(images, out_size)
-    perceptual = perceptual_fn(loss_cfg, models, frozen, phase, x, target.shape[0])
+    perceptual = perceptual_fn(loss_cfg, models, frozen, phase, x, target.shape[0], step)
 
     def decode(decoder_params):
       return models.decoder.apply({"params": decoder_params}, tokens)

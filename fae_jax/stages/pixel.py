@@ -138,6 +138,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f"config.pixel.loss.perc_examples must be >= 0 (0 = every example), got "
       f"{p.loss.perc_examples}."
     )
+  pixel_objective.perceptual_every(p.loss)
   for phase in p.loss.perc_phases:
     if pixel_objective.perceptual_active(p.loss, phase):
       pixel_objective.perceptual_subset(int(p[phase].train.batch_size), int(p.loss.perc_examples))
@@ -151,9 +152,10 @@ def _describe_perceptual(loss_cfg) -> str:
   if not phases:
     return "none"
   examples = int(loss_cfg.perc_examples) or "all"
+  every = pixel_objective.perceptual_every(loss_cfg)
   return (
     f"{loss_cfg.perceptual}(weight={float(loss_cfg.perc_weight)}, phases={'+'.join(phases)}, "
-    f"examples={examples})"
+    f"examples={examples}" + (f", every={every} steps)" if every > 1 else ")")
   )
 
 

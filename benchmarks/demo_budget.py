@@ -91,7 +91,7 @@ def loop_seconds(log: pathlib.Path) -> float | None:
 
 def frozen_flops_per_step(step: str, config, geo) -> float:
   """FLOPs of the frozen networks one step of `step` runs besides the trained model."""
-  if step != "pixel_finetune" and step != "pixel":
+  if step not in ("pixel", "pixel_finetune"):
     return 0.0
   from fae_jax import aot
   from fae_jax.models import fae as fae_model
